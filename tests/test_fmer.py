@@ -1,0 +1,170 @@
+"""Behaviour of fmer.py's pieces, and end-to-end smoke runs of the script on CPU."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from common.envs import KITCHEN_TASK_SETS, make_env
+from fmer import TwinQ, VelocityField, best_of_candidates, candidate_weights, sample_candidates, td_target
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--learning-starts", "64",
+        "--log-every", "20", "--num-candidates", "4", "--flow-steps", "3"]
+
+
+def test_softmax_weights_sum_to_one_and_ignore_the_baseline():
+    q = 3 * torch.randn(64, 8)
+    w = candidate_weights(q, 0.5, "softmax")
+    assert torch.allclose(w.sum(1), torch.ones(64))
+    assert (w > 0).all()
+    assert torch.allclose(candidate_weights(q + 7.0, 0.5, "softmax"), w, atol=1e-5)  # per-state baseline cancels
+    assert torch.allclose(w, torch.softmax(q / 0.5, 1), atol=1e-6)
+
+
+def test_softmax_weights_tend_to_top1_as_temperature_goes_to_zero():
+    q = torch.randn(64, 8)
+    top1 = candidate_weights(q, 0.5, "top1")
+    assert torch.equal(top1.sum(1), torch.ones(64)) and torch.equal(top1.argmax(1), q.argmax(1))
+    gaps = [(candidate_weights(q, beta, "softmax") - top1).abs().max().item() for beta in (1.0, 0.1, 1e-4)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-6
+    # a high temperature flattens the weights towards uniform
+    assert torch.allclose(candidate_weights(q, 1e6, "softmax"), torch.full((64, 8), 1 / 8), atol=1e-5)
+
+
+def test_unnormalized_weights_are_exp_advantage():
+    q = torch.randn(16, 8)
+    w = candidate_weights(q, 0.5, "unnormalized")
+    assert torch.allclose(w, torch.exp((q - q.mean(1, keepdim=True)) / 0.5))
+    assert not torch.allclose(w.sum(1), torch.ones(16))
+
+
+def test_td_target_bootstraps_through_truncation_but_not_termination():
+    rewards, next_q = torch.tensor([1.0, 1.0]), torch.tensor([10.0, 10.0])
+    # a truncated (time-limit) transition is stored with terminated = 0: it bootstraps
+    y = td_target(rewards, torch.tensor([0.0, 1.0]), next_q, gamma=0.99, reward_scale=2.0)
+    assert y.tolist() == pytest.approx([2.0 + 9.9, 2.0])
+
+
+def test_time_limit_is_truncation_not_termination():
+    env = make_env("Pendulum-v1", seed=0)
+    for step in range(200):
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        assert not terminated
+    assert truncated and info["episode"]["l"] == 200
+
+
+def test_twin_q_members_are_two_independent_mlps():
+    critic = TwinQ(3, 2, hidden_dim=8, num_layers=2)
+    obs, act = torch.randn(5, 3), torch.randn(5, 2)
+    q = critic(obs, act)
+    assert q.shape == (2, 5)
+    for member in range(2):  # the stacked forward equals a plain per-member MLP
+        x = torch.cat([obs, act], -1)
+        for layer, (w, b) in enumerate(zip(critic.weights, critic.biases)):
+            x = x @ w[member] + b[member]
+            x = torch.nn.functional.mish(x) if layer < len(critic.weights) - 1 else x
+        assert torch.allclose(q[member], x[:, 0], atol=1e-6)
+    assert not torch.allclose(q[0], q[1])
+
+
+def test_candidates_and_best_of_n():
+    torch.manual_seed(0)
+    actor = VelocityField(3, 2, hidden_dim=8, num_layers=2)
+    obs = torch.randn(4, 3)
+    obs_rep, z1, path = sample_candidates(actor, obs, num_candidates=5, flow_steps=7, return_path=True)
+    assert obs_rep.shape == (20, 3) and z1.shape == (20, 2) and path.shape == (7, 20, 2)
+    assert torch.equal(obs_rep[5:10], obs[1].expand(5, 3))
+    assert not z1.requires_grad
+    q = torch.randn(4, 5)
+    best = best_of_candidates(q, z1)
+    for state in range(4):
+        assert torch.equal(best[state], z1[state * 5 + q[state].argmax()])
+
+
+def run_script(tmp_path, *flags, script="fmer.py"):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def scalars(tmp_path):
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return run_dir, {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_smoke_pendulum_updates_evaluates_and_saves(tmp_path):
+    result = run_script(tmp_path, "--env-id", "Pendulum-v1", "--total-timesteps", "220", "--eval-every", "110",
+                        "--eval-episodes", "1", "--save-model", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir, logged = scalars(tmp_path)
+    for tag in ["losses/qf_loss", "losses/qf_values", "losses/actor_loss", "losses/wcfm_loss", "losses/entropy_loss",
+                "losses/alpha", "losses/alpha_loss", "charts/entropy", "charts/weight_ess_fraction", "charts/SPS",
+                "charts/episodic_return", "charts/actor_lr"]:
+        assert tag in logged, tag
+    assert len(logged["losses/qf_loss"]) == 220 // 20 - 64 // 20  # updates ran at every step after the warm-up
+    assert len(logged["eval/episodic_return"]) == 2
+    assert logged["charts/actor_lr"][-1] < 3e-4  # annealing
+    assert logged["losses/alpha"][-1] < 1.0  # the entropy is above the target -dim(A) at the start: alpha shrinks
+    checkpoint = torch.load(os.path.join(run_dir, "fmer.pt"), weights_only=False)
+    assert {"actor", "critic", "critic_target", "log_alpha", "actor_optimizer", "critic_optimizer",
+            "alpha_optimizer", "global_step"} <= set(checkpoint)
+    assert checkpoint["global_step"] == 220
+    actor = VelocityField(3, 1, hidden_dim=16, num_layers=2)
+    actor.load_state_dict(checkpoint["actor"])
+
+
+def test_smoke_ablation_flags(tmp_path):
+    """Top-1 weighting, the exact divergence, and the entropy cut-off (Fig. 6 ablations) run end to end."""
+    result = run_script(tmp_path, "--env-id", "InvertedPendulum-v5", "--total-timesteps", "200", "--eval-every", "200",
+                        "--eval-episodes", "1", "--weighting", "top1", "--divergence", "exact",
+                        "--entropy-off-step", "120", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, logged = scalars(tmp_path)
+    assert len(logged["losses/wcfm_loss"]) == 200 // 20 - 64 // 20
+    assert len(logged["losses/entropy_loss"]) == 120 // 20 - 64 // 20  # switched off after step 120
+    assert logged["charts/weight_ess_fraction"][-1] == pytest.approx(1 / 4)  # top-1 keeps one of 4 candidates
+
+
+@pytest.mark.parametrize("num_tasks", sorted(KITCHEN_TASK_SETS))
+def test_kitchen_task_sets_build_and_step(num_tasks):
+    env = make_env("FrankaKitchen-v1", seed=0, kitchen_tasks=num_tasks)
+    obs, _ = env.reset()
+    assert obs.shape == (59,) and obs.dtype == np.float32
+    assert env.unwrapped.tasks_to_complete == set(KITCHEN_TASK_SETS[num_tasks])
+    done, steps = False, 0
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        done, steps = terminated or truncated, steps + 1
+    assert steps == 280 and truncated
+    assert 0 <= info["tasks_completed"] <= num_tasks and info["success"] in (0.0, 1.0)
+
+
+def test_smoke_kitchen(tmp_path):
+    result = run_script(tmp_path, "--env-id", "FrankaKitchen-v1", "--kitchen-tasks", "2", "--total-timesteps", "300",
+                        "--eval-every", "300", "--eval-episodes", "1", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, logged = scalars(tmp_path)
+    assert {"eval/episodic_return", "eval/tasks_completed", "eval/success", "charts/tasks_completed",
+            "losses/wcfm_loss"} <= set(logged)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env-id", "NoSuchEnv-v0"], "error: cannot make environment 'NoSuchEnv-v0'"),
+    (["--env-id", "Pendulum-v1", "--kitchen-tasks", "4"], "error: --kitchen-tasks applies to FrankaKitchen-v1 only"),
+    (["--env-id", "Pendulum-v1", "--learning-starts", "10", "--batch-size", "32"], "error: --learning-starts (10) must be at least --batch-size"),
+    (["--env-id", "Pendulum-v1", "--total-timesteps", "100", "--reward-scale", "inf", *TINY],
+     "error: losses/qf_loss became"),
+])
+def test_bad_input_ends_with_one_line(tmp_path, flags, message):
+    result = run_script(tmp_path, *flags)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(message), result.stderr[-1000:]
