@@ -168,3 +168,22 @@ def test_bad_input_ends_with_one_line(tmp_path, flags, message):
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(message), result.stderr[-1000:]
+
+
+def mujoco_can_render(gl_backend: str) -> bool:
+    probe = "import gymnasium as gym; e = gym.make('InvertedPendulum-v5', render_mode='rgb_array'); e.reset(); e.render()"
+    return subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl_backend),
+                          capture_output=True).returncode == 0
+
+
+def test_capture_video_writes_evaluation_episodes(tmp_path):
+    gl_backend = os.environ.get("MUJOCO_GL", "osmesa")
+    if not mujoco_can_render(gl_backend):
+        pytest.skip(f"MuJoCo cannot render with MUJOCO_GL={gl_backend} here (e.g. apt-get install libosmesa6)")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "fmer.py"), "--env-id", "InvertedPendulum-v5",
+                             "--total-timesteps", "100", "--eval-every", "100", "--eval-episodes", "1",
+                             "--capture-video", *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=gl_backend))
+    assert result.returncode == 0, result.stderr[-2000:]
+    videos = glob.glob(str(tmp_path / "videos" / "*" / "*.mp4"))
+    assert videos and os.path.getsize(videos[0]) > 0
