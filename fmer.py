@@ -289,7 +289,6 @@ if __name__ == "__main__":
     checkpoint = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha,
                       actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer,
                       alpha_optimizer=alpha_optimizer, actor_schedule=actor_schedule, args=vars(args))
-    metrics = {}
     obs, _ = env.reset(seed=args.seed)
     start_time = time.time()
     progress = tqdm(range(1, args.total_timesteps + 1), desc=run_name, mininterval=5.0, disable=None)
@@ -396,8 +395,8 @@ if __name__ == "__main__":
                         metrics.update({"losses/entropy_loss": entropy_loss, "charts/entropy": entropy})
                         if args.autotune:
                             metrics["losses/alpha_loss"] = alpha_loss
-                    for name, value in metrics.items():
-                        value = value.item()
+                    values = torch.stack(list(metrics.values())).tolist()  # one device-to-host copy
+                    for name, value in zip(metrics, values):
                         if not math.isfinite(value):
                             raise SystemExit(f"error: {name} became {value} at step {global_step}; stopping (logs kept in runs/{run_name})")
                         writer.add_scalar(name, value, global_step)
