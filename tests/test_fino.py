@@ -1,0 +1,377 @@
+"""fino.py: the noise-injection theory (Thm. 2, Prop. 1, Eq. 7), the GMM entropy, the beta update, FQL's pieces,
+and end-to-end offline-to-online runs on tiny OGBench- and Minari-format datasets (CPU)."""
+
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from common.flow import interpolate, target_velocity
+from fino import (MLP, CriticEnsemble, act, fit_gmm, fql_losses, gmm_entropy_bound, noise_std, noisy_flow_pair,
+                  select_candidates, update_beta, Args)
+from tests.fixtures import write_minari_dataset, write_ogbench_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TS = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
+ETAS = [0.0, 0.05, 0.1, 0.5, 1.0]
+
+
+# ---- noise-injected flow matching (Eq. 7, Thm. 2, Prop. 1) ----------------------------------------------------------
+@pytest.mark.parametrize("eta", ETAS)
+def test_prop1_noise_variance_is_a_proper_variance_with_its_endpoints(eta):
+    alpha2 = noise_std(TS, eta) ** 2
+    polynomial = (eta**2 - 2 * eta) * TS**2 + 2 * eta * TS  # alpha_t^2 of Eq. 7, unclamped
+    assert torch.allclose(alpha2, polynomial, atol=1e-12)  # so the clamp in noise_std never acts on [0, 1]
+    assert (polynomial >= 0).all()
+    assert noise_std(torch.tensor(0.0, dtype=torch.float64), eta) == 0.0  # no noise at the source
+    assert noise_std(torch.tensor(1.0, dtype=torch.float64), eta).item() == pytest.approx(eta, abs=1e-12)  # std eta at the data end
+
+
+@pytest.mark.parametrize("eta", ETAS)
+def test_conditional_path_is_the_sigma_min_eta_ot_path(eta):
+    """Given x1, x_t + eps_t ~ N(t x1, ((1 - t)^2 + alpha_t^2) I) and (1 - t)^2 + alpha_t^2 = (1 - (1 - eta) t)^2."""
+    assert torch.allclose((1 - TS) ** 2 + noise_std(TS, eta) ** 2, (1 - (1 - eta) * TS) ** 2, atol=1e-12)
+    # by sampling, through the function the training loss uses
+    torch.manual_seed(0)
+    n, x1 = 400_000, torch.tensor([0.7, -0.3], dtype=torch.float64)
+    for t in (0.2, 0.5, 0.9):
+        tt = torch.full((n, 1), t, dtype=torch.float64)
+        x0, noise = torch.randn(n, 2, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)
+        noisy, _ = noisy_flow_pair(x0, x1.expand(n, 2), tt, noise, "paper", eta, 0.1)
+        assert torch.allclose(noisy.mean(0), t * x1, atol=0.01)
+        assert torch.allclose(noisy.std(0), torch.full((2,), 1 - (1 - eta) * t, dtype=torch.float64), rtol=0.01)
+
+
+def bimodal_skewed(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A non-Gaussian action distribution in [-1, 1]^2: 70 % near (0.8, 0.8), 30 % uniform on a bar at y = -0.9."""
+    pick = torch.rand(n, 1, generator=generator, dtype=torch.float64) < 0.7
+    mode = 0.8 + 0.05 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    bar = torch.stack([2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1,
+                       torch.full((n,), -0.9, dtype=torch.float64)], 1)
+    return torch.where(pick, mode, bar)
+
+
+def test_thm2_marginal_variance_at_least_standard_fm_closed_form_and_sampled():
+    """Var(X_t^FINO) >= Var(X_t^FM) for all t: closed form t^2 Var(x1) + sigma_t^2 per dimension, checked by sampling."""
+    g = torch.Generator().manual_seed(1)
+    n = 400_000
+    x1 = bimodal_skewed(n, g)
+    var_x1 = x1.var(0)
+    for eta in (0.1, 0.5):
+        fm_closed = TS[:, None] ** 2 * var_x1 + (1 - TS[:, None]) ** 2
+        fino_closed = TS[:, None] ** 2 * var_x1 + (1 - (1 - eta) * TS[:, None]) ** 2
+        assert (fino_closed >= fm_closed - 1e-12).all()
+        assert (fino_closed[1:] > fm_closed[1:]).all()  # strictly larger for t > 0 when eta > 0
+        for t in (0.25, 0.5, 0.75, 1.0):
+            tt = torch.full((n, 1), t, dtype=torch.float64)
+            x0, noise = torch.randn(n, 2, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+            fino_var = noisy_flow_pair(x0, x1, tt, noise, "paper", eta, 0.1)[0].var(0)
+            fm_var = interpolate(x0, x1, tt).var(0)
+            expected_gap = (1 - (1 - eta) * t) ** 2 - (1 - t) ** 2
+            assert torch.allclose(fino_var, t**2 * var_x1 + (1 - (1 - eta) * t) ** 2, rtol=0.01)
+            assert ((fino_var - fm_var) > 0.5 * expected_gap).all()  # the gap is there, well beyond sampling noise
+
+
+def test_eta_zero_is_standard_flow_matching_exactly():
+    torch.manual_seed(0)
+    x0, x1, noise, t = torch.randn(64, 3), torch.rand(64, 3) * 2 - 1, torch.randn(64, 3), torch.rand(64, 1)
+    for schedule, scale in (("paper", 0.1), ("code", 0.0)):
+        noisy, target = noisy_flow_pair(x0, x1, t, noise, schedule, 0.0, scale)
+        assert torch.equal(noisy, interpolate(x0, x1, t))
+        assert torch.equal(target, target_velocity(x0, x1))
+    noisy, target = noisy_flow_pair(x0, x1, t, noise, "paper", 0.1, 0.1)
+    assert not torch.allclose(noisy, interpolate(x0, x1, t))
+    assert torch.allclose(target, x1 - 0.9 * x0)  # Eq. 7's target x1 - (1 - eta) x0
+
+
+def test_code_schedule_is_the_official_one():
+    x0, x1, noise = torch.zeros(3, 1), torch.zeros(3, 1), torch.ones(3, 1)
+    t = torch.tensor([[0.0], [0.5], [1.0]])
+    noisy, target = noisy_flow_pair(x0, x1, t, noise, "code", 0.1, 0.1)
+    assert torch.allclose(noisy[:, 0], 0.1 * torch.exp(10 * (t[:, 0] - 1)))
+    assert torch.equal(target, x1 - x0)
+
+
+# ---- GMM entropy (§3.5) ---------------------------------------------------------------------------------------------
+def gaussian_entropy(cov: torch.Tensor) -> float:
+    d = cov.shape[-1]
+    return 0.5 * d * (1 + math.log(2 * math.pi)) + 0.5 * torch.logdet(cov).item()
+
+
+def test_gmm_entropy_of_a_known_gaussian():
+    torch.manual_seed(0)
+    a = torch.tensor([[0.3, 0.0, 0.0], [0.1, 0.2, 0.0], [-0.05, 0.04, 0.1]], dtype=torch.float64)
+    cov = a @ a.T
+    x = (torch.randn(4, 3000, 3, dtype=torch.float64) @ a.T + torch.tensor([0.2, -0.1, 0.4])).float()
+    true_h = gaussian_entropy(cov)
+    weights, _, covs = fit_gmm(x, num_components=1)
+    assert torch.allclose(gmm_entropy_bound(weights, covs), torch.full((4,), true_h, dtype=torch.float64), atol=0.05)
+    # three components on one Gaussian: the bound is an upper bound, and at most log 3 above
+    weights, _, covs = fit_gmm(x, num_components=3)
+    h3 = gmm_entropy_bound(weights, covs)
+    assert (h3 > true_h - 0.05).all() and (h3 < true_h + math.log(3) + 0.05).all()
+
+
+def test_gmm_entropy_of_well_separated_mixtures_is_weight_plus_component_entropy():
+    torch.manual_seed(1)
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    means = torch.tensor([[-20.0, 0.0], [20.0, 0.0], [0.0, 25.0]], dtype=torch.float64)
+    scales = torch.tensor([0.5, 1.0, 0.2], dtype=torch.float64)
+    n, states = 6000, 3
+    comp = torch.multinomial(w, states * n, replacement=True).view(states, n)
+    x = means[comp] + scales[comp, None] * torch.randn(states, n, 2, dtype=torch.float64)
+    expected = -(w * w.log()).sum() + sum(w[j] * gaussian_entropy(scales[j] ** 2 * torch.eye(2, dtype=torch.float64))
+                                          for j in range(3))
+    weights, fitted_means, covs = fit_gmm(x, num_components=3)
+    assert torch.allclose(gmm_entropy_bound(weights, covs), expected.expand(states), atol=0.05)
+    assert torch.allclose(weights.sort(-1).values, w.sort().values.expand(states, 3), atol=0.03)
+
+
+def test_gmm_batches_states_independently():
+    """Scaling one state's samples by c shifts its entropy by d log c and leaves the other state alone."""
+    torch.manual_seed(2)
+    base = torch.rand(1, 2000, 4, dtype=torch.float64)
+    x = torch.cat([base, 0.1 * base])
+    weights, _, covs = fit_gmm(x)
+    h = gmm_entropy_bound(weights, covs)
+    assert h[0] - h[1] == pytest.approx(4 * math.log(10), abs=0.1)
+
+
+def test_gmm_covariances_stay_positive_definite_on_degenerate_samples():
+    """Clipped actions pile up on the boundary: duplicates, a constant dimension, and identical samples."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 200, 3).clamp(-1, 1)
+    x[0, :150] = 1.0  # most samples exactly on the corner
+    x[1, :, 2] = -1.0  # one dimension constant
+    x[2] = 0.3  # every sample identical
+    x[3, :, 1] = x[3, :, 0]  # two dimensions collinear
+    weights, _, covs = fit_gmm(x, reg=1e-6)
+    assert torch.isfinite(weights).all() and torch.allclose(weights.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert (torch.linalg.eigvalsh(covs) > 0).all()
+    torch.linalg.cholesky(covs)  # raises if any is not positive definite
+    h = gmm_entropy_bound(weights, covs)
+    assert torch.isfinite(h).all()
+    assert h[2] < h[3] < gaussian_entropy(torch.eye(3, dtype=torch.float64))  # collapsed samples: very low entropy
+
+
+# ---- beta update and candidate selection (§3.4, §3.5) ---------------------------------------------------------------
+def test_beta_update_moves_in_the_right_direction_on_both_sides_of_the_target():
+    target = -2.0
+    assert update_beta(10.0, -1.0, target, 0.1) == pytest.approx(10.1)  # entropy above target: greedier
+    assert update_beta(10.0, -3.5, target, 0.1) == pytest.approx(9.85)  # below target: softer, more exploration
+    assert update_beta(10.0, target, target, 0.1) == 10.0
+    assert update_beta(0.05, -50.0, target, 0.1) == 0.0  # clipped at 0, never negative
+    assert update_beta(10.0, 5.0, target, 0.0) == 10.0  # beta_lr 0: fixed temperature
+
+
+def test_candidate_selection_greedy_uniform_and_sharp():
+    torch.manual_seed(0)
+    q = -1.0 - torch.rand(2000, 4)
+    assert torch.equal(select_candidates(q, 10.0, greedy=True), q.argmax(-1))
+    counts = torch.bincount(select_candidates(q, 0.0, greedy=False), minlength=4).float() / 2000
+    assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.04)  # beta = 0: uniform over candidates
+    sharp = select_candidates(q, 1e4, greedy=False)
+    assert (sharp == q.argmax(-1)).float().mean() > 0.95
+    mild = (select_candidates(q, 10.0, greedy=False) == q.argmax(-1)).float().mean()
+    assert 0.3 < mild < 0.95  # larger beta -> greedier
+
+
+def test_act_fino_picks_among_candidates_and_fql_takes_one_sample():
+    torch.manual_seed(0)
+    onestep, critic = MLP(3 + 2, 2, 16, 2), CriticEnsemble(3, 2, 16, 2, 2)
+    obs = torch.randn(5, 3)
+    greedy = act(obs, onestep, critic, 2, 6, True, 10.0, "mean", greedy=True)
+    assert greedy.shape == (5, 2) and (greedy.abs() <= 1).all()
+    # the evaluation action is the candidate with the highest aggregated Q among K = 6 fresh ones, per state
+    for q_agg in ("mean", "min"):
+        torch.manual_seed(2)
+        chosen = act(obs, onestep, critic, 2, 6, True, 10.0, q_agg, greedy=True)
+        torch.manual_seed(2)
+        obs_rep = obs[:, None].expand(5, 6, 3)
+        candidates = onestep(obs_rep, torch.randn(5, 6, 2)).clamp(-1, 1)
+        q = critic(obs_rep.reshape(30, 3), candidates.reshape(30, 2))
+        q = (q.mean(0) if q_agg == "mean" else q.min(0).values).view(5, 6)
+        assert torch.allclose(chosen, candidates[torch.arange(5), q.argmax(1)])
+    # FQL: clip(mu(s, z)) with a fresh z: reproducible from the seed, stochastic across calls
+    torch.manual_seed(1)
+    a1 = act(obs, onestep, critic, 2, 1, False, 10.0, "mean", greedy=True)
+    torch.manual_seed(1)
+    z = torch.randn(5, 2)
+    assert torch.allclose(a1, onestep(obs, z).clamp(-1, 1))
+    assert not torch.allclose(a1, act(obs, onestep, critic, 2, 1, False, 10.0, "mean", greedy=True))
+    # batched draws for the entropy estimate: leading dimensions are independent calls
+    assert act(obs.expand(7, 5, 3), onestep, critic, 2, 4, True, 10.0, "min", greedy=False).shape == (7, 5, 2)
+
+
+# ---- FQL skeleton (§1) ----------------------------------------------------------------------------------------------
+def test_critic_ensemble_equals_independent_layernorm_mlps():
+    torch.manual_seed(0)
+    critic = CriticEnsemble(3, 2, 8, 2, 2)
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters
+        for p in list(critic.ln_scales) + list(critic.ln_biases):
+            p.add_(0.3 * torch.randn_like(p))
+    obs, a = torch.randn(5, 3), torch.randn(5, 2)
+    q = critic(obs, a)
+    assert q.shape == (2, 5) and not torch.allclose(q[0], q[1])
+    for k in range(2):
+        x = torch.cat([obs, a], -1)
+        for i in range(3):
+            x = x @ critic.weights[i][k] + critic.biases[i][k]
+            if i < 2:
+                x = torch.nn.functional.layer_norm(torch.nn.functional.gelu(x, approximate="tanh"), (8,), eps=1e-6)
+                x = x * critic.ln_scales[i][k] + critic.ln_biases[i][k]
+        assert torch.allclose(q[k], x[:, 0], atol=1e-5)
+
+
+def tiny_setup(seed=0):
+    torch.manual_seed(seed)
+    nets = torch.nn.ModuleDict(dict(critic=CriticEnsemble(3, 2, 16, 2, 2), flow=MLP(3 + 2 + 1, 2, 16, 2),
+                                    onestep=MLP(3 + 2, 2, 16, 2)))
+    target = CriticEnsemble(3, 2, 16, 2, 2)
+    target.load_state_dict(nets["critic"].state_dict())
+    batch = dict(observations=torch.randn(32, 3), actions=torch.rand(32, 2) * 2 - 1, rewards=-torch.rand(32),
+                 next_observations=torch.randn(32, 3), masks=torch.ones(32))
+    return nets, target, batch
+
+
+def test_each_loss_reaches_only_its_own_network():
+    nets, target, batch = tiny_setup()
+    args = Args(flow_steps=3)
+    owners = dict(critic_loss={"critic"}, flow_loss={"flow"}, distill_loss={"onestep"}, q_loss={"onestep"})
+    for loss_name, owner in owners.items():
+        nets.zero_grad(set_to_none=True)
+        fql_losses(batch, nets, target, args, 10.0, 0.99, "mean")[loss_name].backward()
+        for net_name, net in nets.items():
+            touched = any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+            assert touched == (net_name in owner), (loss_name, net_name)
+        assert all(p.grad is None for p in target.parameters())
+
+
+def test_termination_cuts_the_bootstrap_and_truncation_does_not():
+    """The mask (1 - terminated) multiplies gamma Q'(s', a'): mask 0 gives y = r; a time-limit row keeps mask 1."""
+    nets, target, batch = tiny_setup()
+    args = Args(flow_steps=3)
+    q = nets["critic"](batch["observations"], batch["actions"]).detach()
+    torch.manual_seed(5)
+    cut = fql_losses(dict(batch, masks=torch.zeros(32)), nets, target, args, 10.0, 0.99, "mean")["critic_loss"]
+    assert cut.item() == pytest.approx((q - batch["rewards"]).pow(2).mean().item(), rel=1e-5)
+    torch.manual_seed(5)
+    kept = fql_losses(batch, nets, target, args, 10.0, 0.99, "mean")["critic_loss"]
+    assert kept.item() != pytest.approx(cut.item(), rel=1e-3)
+
+
+def test_total_loss_weights_distillation_by_alpha():
+    nets, target, batch = tiny_setup()
+    args = Args(flow_steps=3)
+    torch.manual_seed(7)
+    losses = fql_losses(batch, nets, target, args, 30.0, 0.99, "min")
+    expected = losses["critic_loss"] + losses["flow_loss"] + 30.0 * losses["distill_loss"] + losses["q_loss"]
+    assert losses["total_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------------
+TINY = ["--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--flow-steps", "3", "--log-every", "50",
+        "--eval-episodes", "1", "--entropy-states", "16", "--entropy-samples", "30", "--gmm-iters", "20", "--no-cuda"]
+OGBENCH_NAME = "pointmaze-medium-navigate-singletask-v0"
+
+
+def run_fino(cwd, *flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "fino.py"), *flags], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def scalars(run_dir):
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def ogbench_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ogbench")
+    write_ogbench_dataset(str(path), OGBENCH_NAME, num_episodes=3, episode_length=60)
+    return str(path)
+
+
+def test_smoke_ogbench_offline_online_beta_update_save_and_resume(tmp_path, ogbench_dir):
+    # a 1000-step pointmaze episode must end online for charts/episodic_return
+    flags = ["--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--offline-steps", "100", "--online-steps", "1100",
+             "--eval-every", "600", "--beta-update-every", "500", "--num-candidates", "3", *TINY]
+    result = run_fino(tmp_path, *flags, "--save-model")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    logged = scalars(run_dir)
+    for tag in ["losses/total_loss", "losses/critic_loss", "losses/flow_loss", "losses/distill_loss", "losses/q_loss",
+                "losses/q_values", "charts/SPS", "charts/beta", "charts/entropy", "charts/episodic_return",
+                "eval/success", "eval/episodic_return"]:
+        assert tag in logged, tag
+    assert len(logged["losses/critic_loss"]) == 1200 // 50  # one update per step, offline and online
+    assert [s for s, _ in logged["eval/success"]] == [100, 600, 1200]  # end of offline, every 600, the end
+    assert [s for s, _ in logged["charts/entropy"]] == [600, 1100]  # every 500 online steps
+    betas = {v for _, v in logged["charts/beta"]}
+    assert 10.0 in betas and len(betas) > 1  # the beta update ran
+    assert os.path.exists(os.path.join(run_dir, "fino.pt")) and os.path.exists(os.path.join(run_dir, "fino_offline.pt"))
+    saved = torch.load(os.path.join(run_dir, "fino_offline.pt"), weights_only=False)
+    assert saved["global_step"] == 100 and {"nets", "target_critic", "optimizer", "beta"} <= set(saved)
+
+    # the online phase again, from the saved offline model
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    result = run_fino(resumed, *flags, "--load-model", os.path.join(run_dir, "fino_offline.pt"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (resumed_dir,) = glob.glob(str(resumed / "runs" / "*"))
+    logged = scalars(resumed_dir)
+    assert min(s for s, _ in logged["losses/critic_loss"]) > 100  # no offline update was repeated
+    assert [s for s, _ in logged["eval/success"]] == [600, 1200]
+
+
+def test_smoke_fql_configuration(tmp_path, ogbench_dir):
+    result = run_fino(tmp_path, "--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--eta", "0",
+                      "--no-entropy-guidance", "--offline-steps", "100", "--online-steps", "100", "--eval-every", "100",
+                      "--beta-update-every", "50", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    logged = scalars(run_dir)
+    assert {v for _, v in logged["charts/beta"]} == {10.0}  # no guidance: beta is never updated
+    assert "charts/entropy" in logged and "eval/success" in logged  # the one-step sampler's entropy is still logged
+
+
+def test_smoke_minari_offline_online(tmp_path):
+    root = str(tmp_path / "minari")
+    write_minari_dataset(root, "test/pendulum/random-v0", "Pendulum-v1", num_episodes=3, max_steps=50)
+    result = run_fino(tmp_path, "--dataset", "test/pendulum/random-v0", "--dataset-dir", root, "--offline-steps", "100",
+                      "--online-steps", "250", "--eval-every", "150", "--beta-update-every", "200",
+                      "--num-candidates", "2", "--save-model", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    logged = scalars(run_dir)
+    assert {"eval/episodic_return", "charts/episodic_return", "charts/entropy", "losses/flow_loss"} <= set(logged)
+    assert "eval/success" not in logged  # the metric is the return for a dataset without reference scores
+    assert len({v for _, v in logged["charts/beta"]}) > 1
+    assert os.path.exists(os.path.join(run_dir, "fino.pt"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "pointmaze-medium-navigate-singletask-v0", "--dataset-dir", "/nonexistent"], "error: OGBench dataset"),
+    (["--dataset", OGBENCH_NAME, "--num-candidates", "1"], "error: entropy guidance needs at least 2 candidates"),
+    (["--dataset", OGBENCH_NAME], "error: entropy guidance needs at least 2 candidates (K = 1)"),  # A = 2: K = ceil(A/2) = 1
+    (["--dataset", OGBENCH_NAME, "--no-entropy-guidance", "--num-candidates", "4"], "error: --num-candidates applies"),
+    (["--dataset", OGBENCH_NAME, "--eta", "1.5", "--num-candidates", "2"], "error: --eta must lie in [0, 1]"),
+    (["--dataset", OGBENCH_NAME, "--preset", "nosuchtask"], "error: unknown --preset"),
+    (["--dataset", OGBENCH_NAME, "--num-candidates", "2", "--alpha", "nan", "--offline-steps", "50", *TINY],
+     "error: losses/total_loss became nan at step 50"),
+])
+def test_bad_input_ends_with_one_line(tmp_path, ogbench_dir, flags, message):
+    if "/nonexistent" not in flags:
+        flags = [*flags, "--dataset-dir", ogbench_dir]
+    result = run_fino(tmp_path, *flags)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(message), result.stderr[-1000:]
