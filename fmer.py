@@ -405,6 +405,8 @@ if __name__ == "__main__":
             if global_step % args.log_every == 0:
                 sps = int(global_step / (time.time() - start_time))
                 writer.add_scalar("charts/SPS", sps, global_step)
+                if device.type == "cuda":
+                    writer.add_scalar("charts/gpu_memory_mb", torch.cuda.max_memory_allocated() / 2**20, global_step)
 
             if global_step % args.eval_every == 0 or global_step == args.total_timesteps:
                 eval_return, eval_tasks, eval_success = evaluate(
