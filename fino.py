@@ -12,6 +12,8 @@ FINO changes two things:
   2. Online, the action is one of K candidates of the one-step policy, drawn from softmax(beta Q / mean|Q|);
      evaluation takes the argmax. beta follows the entropy of the acting policy, estimated by a 3-component
      full-covariance Gaussian mixture fitted by EM: beta <- max(0, beta + 0.1 (H - H_target)), H_target = -A.
+Ablations of the paper (§3.8): w/o noise injection `--eta 0`; fixed temperature `--beta-lr 0`; noise injection only
+`--no-entropy-guidance`; FQL `--eta 0 --no-entropy-guidance`; the official noise `--noise-schedule code`.
 Protocol: offline steps on the dataset, then one env step and one update per online step, in one replay buffer
 pre-filled with the dataset. Spec: specs/fino.md (section numbers "§" below refer to it); "[ours]" marks choices
 the paper and the official code leave open.
@@ -101,9 +103,9 @@ class Args:
     noise_schedule: Literal["paper", "code"] = "paper"
     """`paper`: Eq. 7 with eta; `code`: the official code's noise_scale * exp(10 (t - 1)) with target x1 - x0"""
     eta: float = 0.1
-    """eta of Eq. 7 (paper schedule); 0 gives standard flow matching (FQL)"""
+    """eta of Eq. 7; 0 turns noise injection off under either schedule: standard flow matching (FQL)"""
     noise_scale: float = 0.1
-    """scale of the code schedule's input noise (code schedule only)"""
+    """scale of the code schedule's input noise (used when eta > 0)"""
 
     # FINO: entropy-guided sampling (§3.4, §3.5)
     entropy_guidance: bool = True
@@ -186,8 +188,6 @@ def check_args(args: Args, num_candidates: int) -> None:
         (not args.entropy_guidance and args.num_candidates not in (None, 1),
          "--num-candidates applies to entropy guidance only; without it FQL acts with one sample"),
         (not 0.0 <= args.eta <= 1.0, f"--eta must lie in [0, 1] (Prop. 1), got {args.eta}"),
-        (args.noise_schedule == "code" and args.eta not in (0.0, 0.1),
-         "--eta applies to the paper schedule; the code schedule is set by --noise-scale"),
         (min(args.offline_steps, args.online_steps) < 0, "--offline-steps and --online-steps must be non-negative"),
         (args.offline_steps + args.online_steps < 1, "nothing to do: --offline-steps + --online-steps is 0"),
         (min(args.batch_size, args.hidden_dim, args.num_layers, args.num_critics, args.flow_steps) < 1,
@@ -276,8 +276,11 @@ def noisy_flow_pair(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, noise: 
     paper (Eq. 7): input x_t + alpha_t noise, target x1 - (1 - eta) x0. Given x1 the input is N(t x1, (1 - (1 - eta) t)^2 I):
       the optimal-transport path with sigma_min = eta (Lipman et al.), whose variance is never below FM's (Thm. 2).
     code (official repository): input x_t + noise_scale exp(10 (t - 1)) noise, target x1 - x0.
+    eta = 0 is standard flow matching under both (§3.8: the two forms then agree).
     """
     x_t = interpolate(x0, x1, t)
+    if eta == 0.0:
+        return x_t, target_velocity(x0, x1)
     if schedule == "paper":
         return x_t + noise_std(t, eta) * noise, x1 - (1.0 - eta) * x0
     return x_t + noise_scale * torch.exp(10.0 * (t - 1.0)) * noise, target_velocity(x0, x1)
@@ -369,18 +372,24 @@ def fit_gmm(x: torch.Tensor, num_components: int = 3, max_iter: int = 100, tol: 
 
     x: (S, N, d) samples. Returns weights (S, C), means (S, C, d), covariances (S, C, d, d).
     Mirrors scikit-learn's GaussianMixture defaults (reg_covar added to each diagonal, <= 100 iterations,
-    tol on the mean log-likelihood) with one initialisation; the k-means start is a plain batched Lloyd's
-    algorithm (k-means++ seeding, then `kmeans_iters` Lloyd steps [ours: scikit-learn runs k-means to convergence]).
-    Each covariance is a weighted sum of outer products plus reg * I, so it is positive definite by construction.
+    tol on the mean log-likelihood) with one initialisation from batched k-means: greedy k-means++ seeding as in
+    scikit-learn, then `kmeans_iters` Lloyd steps [ours: scikit-learn runs k-means to convergence]. Each
+    covariance is a weighted sum of outer products plus reg * I, so it is positive definite by construction.
     """
     x = x.double()
     S, N, d = x.shape
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     rows = torch.arange(S, device=x.device)
     means = x[rows, torch.randint(0, N, (S,), device=x.device)].unsqueeze(1)
-    for _ in range(num_components - 1):  # k-means++: the next centre with probability proportional to D^2
-        d2 = torch.cdist(x, means).pow(2).min(-1).values
-        means = torch.cat([means, x[rows, torch.multinomial(d2 + 1e-12, 1)[:, 0]].unsqueeze(1)], 1)
+    d2 = torch.cdist(x, means).pow(2).min(-1).values  # (S, N): squared distance to the nearest centre
+    trials = 2 + int(math.log(num_components))
+    for _ in range(num_components - 1):  # D^2 sampling; of `trials` draws keep the one with the lowest potential
+        picks = torch.multinomial(d2 + 1e-12, trials, replacement=True)  # (S, trials)
+        cand = x[rows[:, None], picks]  # (S, trials, d)
+        cand_d2 = torch.minimum(d2.unsqueeze(1), torch.cdist(cand, x).pow(2))  # (S, trials, N)
+        best = cand_d2.sum(-1).argmin(-1)
+        means = torch.cat([means, cand[rows, best].unsqueeze(1)], 1)
+        d2 = cand_d2[rows, best]
     for _ in range(kmeans_iters):
         resp = F.one_hot(torch.cdist(x, means).argmin(-1), num_components).to(x.dtype)
         counts = resp.sum(1)  # (S, C); an empty cluster keeps its centre

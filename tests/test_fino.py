@@ -13,8 +13,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.flow import interpolate, target_velocity
-from fino import (MLP, CriticEnsemble, act, fit_gmm, fql_losses, gmm_entropy_bound, noise_std, noisy_flow_pair,
-                  select_candidates, update_beta, Args)
+from fino import (MLP, Args, CriticEnsemble, ReplayBuffer, act, fit_gmm, fql_losses, gmm_entropy_bound, noise_std,
+                  noisy_flow_pair, select_candidates, update_beta)
 from tests.fixtures import write_minari_dataset, write_ogbench_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def test_thm2_marginal_variance_at_least_standard_fm_closed_form_and_sampled():
 def test_eta_zero_is_standard_flow_matching_exactly():
     torch.manual_seed(0)
     x0, x1, noise, t = torch.randn(64, 3), torch.rand(64, 3) * 2 - 1, torch.randn(64, 3), torch.rand(64, 1)
-    for schedule, scale in (("paper", 0.1), ("code", 0.0)):
+    for schedule, scale in (("paper", 0.1), ("code", 0.1)):
         noisy, target = noisy_flow_pair(x0, x1, t, noise, schedule, 0.0, scale)
         assert torch.equal(noisy, interpolate(x0, x1, t))
         assert torch.equal(target, target_velocity(x0, x1))
@@ -273,6 +273,24 @@ def test_total_loss_weights_distillation_by_alpha():
     losses = fql_losses(batch, nets, target, args, 30.0, 0.99, "min")
     expected = losses["critic_loss"] + losses["flow_loss"] + 30.0 * losses["distill_loss"] + losses["q_loss"]
     assert losses["total_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_replay_buffer_prefilled_with_the_dataset_then_fifo_over_the_oldest_rows():
+    class Data:
+        observations, next_observations = torch.arange(5.0)[:, None], torch.arange(1.0, 6.0)[:, None]
+        actions, rewards, masks = torch.zeros(5, 2), torch.full((5,), -1.0), torch.ones(5)
+
+        def __len__(self):
+            return 5
+
+    buffer = ReplayBuffer(Data(), capacity=7, device=torch.device("cpu"))
+    assert buffer.size == 5 and torch.equal(buffer.storage["observations"][:5, 0], torch.arange(5.0))
+    assert set(buffer.sample(500)["observations"][:, 0].tolist()) == {0.0, 1.0, 2.0, 3.0, 4.0}  # uniform over held rows
+    for i in range(3):  # online rows land at 5, 6, then overwrite row 0 (the oldest offline row)
+        buffer.add(np.array([10.0 + i]), np.zeros(2), 0.0, np.array([11.0 + i]), 0.0)
+    assert buffer.size == 7 and buffer.pos == 1
+    assert buffer.storage["observations"][:, 0].tolist() == [12.0, 1.0, 2.0, 3.0, 4.0, 10.0, 11.0]
+    assert buffer.storage["masks"][0].item() == 0.0 and buffer.storage["rewards"][0].item() == 0.0
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------------
