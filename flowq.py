@@ -88,8 +88,10 @@ class Args:
     """expectile tau of the value loss (IQL: 0.7 locomotion/adroit, 0.9 antmaze)"""
 
     # Energy-guided flow matching (spec Sec. 3)
-    energy_scale: float = 1.0
-    """lambda: the policy targets pi_beta exp(lambda Q); 0 gives plain conditional flow matching (behaviour cloning)"""
+    energy_scale: float = 2.5
+    """lambda: the policy targets pi_beta exp(lambda Q); 0 gives plain conditional flow matching (behaviour cloning).
+    Default [ours]: with h = t and --normalize-energy a sample moves by (lambda / 2) grad Q / mean|Q|, the shift of
+    TD3+BC's alpha = 2.5"""
     schedule: Literal["t", "t2", "t2_over_1mt", "learned"] = "t"
     """energy schedule h(t): t (default), t^2, t^2/(1-t), or a learned h_theta(t) (Fig. 2)"""
     normalize_energy: bool = True

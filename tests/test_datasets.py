@@ -202,3 +202,12 @@ def test_missing_datasets_end_with_one_line(tmp_path, minari_root):
         load_dataset(path)
     with pytest.raises(SystemExit, match="observations but Pendulum-v1"):
         load_dataset(path, env_id="Pendulum-v1")
+
+
+def test_incompatible_options_end_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--env-id is only for dataset files"):
+        load_dataset("mujoco/hopper/medium-v0", env_id="Hopper-v5", dataset_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match="not an OGBench single-task name"):
+        load_dataset("antmaze-large-navigate-v0", source="ogbench", dataset_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match="unknown dataset source"):
+        load_dataset("x", source="d4rl")
