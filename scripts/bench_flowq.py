@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
@@ -41,6 +42,8 @@ class Args:
     """hidden layers of the networks"""
     iters: int = 100
     """timed updates per measurement (after `warmup` untimed ones)"""
+    repeats: int = 3
+    """interleaved rounds over all K; each cell reports the median round"""
     warmup: int = 10
     """untimed warm-up updates"""
     threads: int = 1
@@ -94,10 +97,16 @@ if __name__ == "__main__":
 
     print(f"device {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"{args.threads} thread(s); batch {args.batch_size}, MLPs {args.num_layers} x {args.hidden_dim}, "
-          f"obs {args.obs_dim}, act {args.act_dim}; ms per call, {args.iters} calls after {args.warmup} warm-up")
+          f"obs {args.obs_dim}, act {args.act_dim}; ms per call, median of {args.repeats} rounds of {args.iters} calls "
+          f"after {args.warmup} warm-up")
+    # interleaved rounds, median per cell: a burst of load from other processes hits all K alike
+    times = {steps: [] for steps in args.flow_steps}
+    for _ in range(args.repeats):
+        for steps in args.flow_steps:
+            times[steps].append((timed(flowq_update, args.iters, args.warmup, device),
+                                 timed(lambda: backprop_update(steps), args.iters, args.warmup, device),
+                                 timed(lambda: sample_actions(actor, obs, steps), args.iters, args.warmup, device)))
     print(f"{'flow steps':>10} {'flowq update':>13} {'backprop-K update':>18} {'sample-K (acting)':>18}")
-    for steps in args.flow_steps:
-        flowq_ms = timed(flowq_update, args.iters, args.warmup, device)
-        backprop_ms = timed(lambda: backprop_update(steps), args.iters, args.warmup, device)
-        sample_ms = timed(lambda: sample_actions(actor, obs, steps), args.iters, args.warmup, device)
+    for steps, rounds in times.items():
+        flowq_ms, backprop_ms, sample_ms = np.median(np.array(rounds), axis=0)
         print(f"{steps:>10} {flowq_ms:>13.2f} {backprop_ms:>18.2f} {sample_ms:>18.2f}")
