@@ -130,10 +130,19 @@ def check_args(args: Args) -> None:
             raise SystemExit(f"error: {message}")
 
 
+class Mish(nn.Module):
+    """mish(x) = x tanh(softplus(x)), written out: torch's fused mish returns NaN second derivatives for
+    inputs above ~100 (torch 2.13), and the entropy loss differentiates the network twice (Eq. 16).
+    Unnormalized observations (Humanoid-v5's reach 3000) produce such inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.tanh(F.softplus(x))
+
+
 def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int) -> nn.Sequential:
     layers, dim = [], in_dim
     for _ in range(num_layers):
-        layers += [nn.Linear(dim, hidden_dim), nn.Mish()]
+        layers += [nn.Linear(dim, hidden_dim), Mish()]
         dim = hidden_dim
     return nn.Sequential(*layers, nn.Linear(dim, out_dim))
 

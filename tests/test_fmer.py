@@ -187,3 +187,17 @@ def test_capture_video_writes_evaluation_episodes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     videos = glob.glob(str(tmp_path / "videos" / "*" / "*.mp4"))
     assert videos and os.path.getsize(videos[0]) > 0
+
+
+def test_entropy_gradient_is_finite_for_large_observations():
+    """The Hutchinson entropy loss differentiates u_theta twice; Humanoid-v5 observations reach |3000|."""
+    from common.flow import hutchinson_divergence
+
+    torch.manual_seed(0)
+    actor = VelocityField(348, 17, hidden_dim=64, num_layers=3)
+    obs = 3000 * torch.randn(32, 348)
+    z = torch.randn(32, 17, requires_grad=True)
+    u = actor(obs, z, torch.rand(32, 1))
+    (-hutchinson_divergence(u, z).mean()).backward()
+    grads = torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])  # not the output bias
+    assert torch.isfinite(grads).all() and grads.abs().max() > 0
