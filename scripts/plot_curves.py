@@ -29,6 +29,8 @@ class Args:
     """figure title"""
     ylabel: str = ""
     """y-axis label (default: the tag)"""
+    xlabel: str = "environment steps"
+    """x-axis label (offline runs count gradient steps)"""
     hline: float | None = None
     """draw a dashed horizontal reference line at this value (e.g. a success threshold)"""
     hline_label: str = ""
@@ -75,7 +77,7 @@ if __name__ == "__main__":
         ax.axhline(args.hline, color="gray", linestyle="--", label=args.hline_label or None)
     if args.vline is not None:
         ax.axvline(args.vline, color="black", linestyle=":", label=args.vline_label or None)
-    ax.set_xlabel("environment steps" if args.tag.startswith(("eval/", "charts/")) else "step")
+    ax.set_xlabel(args.xlabel)
     ax.set_ylabel(args.ylabel or args.tag)
     ax.set_title(args.title)
     ax.grid(alpha=0.3)
