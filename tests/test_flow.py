@@ -10,7 +10,15 @@ from common.flow import (TANH_GAUSSIAN_ENTROPY_PER_DIM, TANH_LOG_JACOBIAN_MEAN, 
                          flow_entropy, gaussian_entropy, hutchinson_divergence, interpolate, rademacher_like,
                          tanh_divergence_correction, tanh_flow_entropy, target_velocity)
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """These identities are checked in double precision; restore the default afterwards for other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def random_field(dim: int, seed: int):
