@@ -553,6 +553,12 @@ if __name__ == "__main__":
         f"|{k}|{v}|" for k, v in {**vars(args), "resolved alpha/gamma/q_agg": (alpha, gamma, q_agg),
                                   "num_candidates": num_candidates}.items()))
     checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
+
+    def training_state() -> dict:
+        """Everything `--load-model` restores (not the online part of the replay buffer)."""
+        return dict(nets=nets, target_critic=target_critic, optimizer=optimizer, beta=beta,
+                    global_step=global_step, args=vars(args))
+
     obs, _ = env.reset(seed=args.seed)
     start_time, global_step = time.time(), start_step - 1
     progress = tqdm(range(start_step, total_steps + 1), desc=run_name, mininterval=5.0, disable=None)
@@ -608,13 +614,13 @@ if __name__ == "__main__":
                         writer.add_scalar(name, value, global_step)
                 progress.set_postfix({data.metric: f"{result.get(f'eval/{data.metric}', result['eval/episodic_return']):.3f}"}, refresh=False)
                 if args.save_model:
-                    state = dict(nets=nets, target_critic=target_critic, optimizer=optimizer, beta=beta,
-                                 global_step=global_step, args=vars(args))
-                    save_checkpoint(checkpoint_path, state)
+                    save_checkpoint(checkpoint_path, training_state())
                     if end_of_offline:
-                        save_checkpoint(checkpoint_path.replace(".pt", "_offline.pt"), state)
+                        save_checkpoint(checkpoint_path.replace(".pt", "_offline.pt"), training_state())
     except KeyboardInterrupt:
         print(f"interrupted at step {global_step}; TensorBoard logs kept in runs/{run_name}")
+        if args.save_model:
+            save_checkpoint(checkpoint_path, training_state())
     finally:
         progress.close()
         env.close()
