@@ -14,9 +14,10 @@ from common.flow import (TANH_GAUSSIAN_ENTROPY_PER_DIM, TANH_LOG_JACOBIAN_MEAN, 
 
 @pytest.fixture(autouse=True)
 def float64():
-    """These identities are checked in double precision; restore the default afterwards for other test modules."""
+    """Seeded, in double precision; the default dtype is restored afterwards for other test modules."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
     yield
     torch.set_default_dtype(previous)
 
