@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.flow import interpolate, target_velocity
-from flowq import LearnedSchedule, VelocityField, energy_coefficient, guided_target, sample_actions
+from flowq import LearnedSchedule, VelocityField, energy_coefficient, expectile_loss, guided_target, sample_actions
 from tests.fixtures import write_minari_dataset, write_ogbench_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +19,16 @@ SCHEDULES = ["t", "t2", "t2_over_1mt", "learned"]
 def quadratic_q(obs, a):
     """A known Q(s, a) = -|a - s|^2 with grad_a Q = 2 (s - a) (the action box clamp aside)."""
     return -(a - obs).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("expectile", [0.5, 0.7, 0.9])
+def test_expectile_loss_is_minimised_at_the_upper_expectile(expectile):
+    """The value loss L(target_q - v) is minimised by the tau-expectile of the targets: tau itself for targets
+    split evenly between 0 and 1 (IQL's V sits above the mean when tau > 0.5)."""
+    targets = torch.tensor([0.0, 1.0]).repeat(50)
+    grid = torch.linspace(0.0, 1.0, 1001)
+    losses = torch.stack([expectile_loss(targets - v, expectile) for v in grid])
+    assert grid[losses.argmin()].item() == pytest.approx(expectile, abs=2e-3)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
