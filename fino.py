@@ -183,17 +183,25 @@ def resolve_hyperparameters(args: Args) -> tuple[float, float, str]:
 def check_args(args: Args, num_candidates: int) -> None:
     """One-line errors for flag combinations that cannot run."""
     problems = [
-        (args.entropy_guidance and num_candidates < 2,
-         f"entropy guidance needs at least 2 candidates (K = {num_candidates}); pass --num-candidates 2 or more, or --no-entropy-guidance"),
-        (not args.entropy_guidance and args.num_candidates not in (None, 1),
-         "--num-candidates applies to entropy guidance only; without it FQL acts with one sample"),
+        (
+            args.entropy_guidance and num_candidates < 2,
+            f"entropy guidance needs at least 2 candidates (K = {num_candidates}); pass --num-candidates 2 or more, or --no-entropy-guidance",
+        ),
+        (
+            not args.entropy_guidance and args.num_candidates not in (None, 1),
+            "--num-candidates applies to entropy guidance only; without it FQL acts with one sample",
+        ),
         (not 0.0 <= args.eta <= 1.0, f"--eta must lie in [0, 1] (Prop. 1), got {args.eta}"),
         (min(args.offline_steps, args.online_steps) < 0, "--offline-steps and --online-steps must be non-negative"),
         (args.offline_steps + args.online_steps < 1, "nothing to do: --offline-steps + --online-steps is 0"),
-        (min(args.batch_size, args.hidden_dim, args.num_layers, args.num_critics, args.flow_steps) < 1,
-         "--batch-size, --hidden-dim, --num-layers, --num-critics and --flow-steps must be positive"),
-        (min(args.eval_every, args.eval_episodes, args.log_every, args.beta_update_every) < 1,
-         "--eval-every, --eval-episodes, --log-every and --beta-update-every must be positive"),
+        (
+            min(args.batch_size, args.hidden_dim, args.num_layers, args.num_critics, args.flow_steps) < 1,
+            "--batch-size, --hidden-dim, --num-layers, --num-critics and --flow-steps must be positive",
+        ),
+        (
+            min(args.eval_every, args.eval_episodes, args.log_every, args.beta_update_every) < 1,
+            "--eval-every, --eval-episodes, --log-every and --beta-update-every must be positive",
+        ),
         (args.entropy_samples < args.gmm_components, "--entropy-samples must be at least --gmm-components"),
         (args.beta < 0 or args.beta_lr < 0, "--beta and --beta-lr must be non-negative"),
     ]
@@ -269,8 +277,9 @@ def noise_std(t: torch.Tensor, eta: float) -> torch.Tensor:
     return ((eta**2 - 2.0 * eta) * t**2 + 2.0 * eta * t).clamp_min(0.0).sqrt()
 
 
-def noisy_flow_pair(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: str,
-                    eta: float, noise_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_flow_pair(
+    x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: str, eta: float, noise_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Network input and regression target of noise-injected flow matching; `noise` ~ N(0, I) like x0.
 
     paper (Eq. 7): input x_t + alpha_t noise, target x1 - (1 - eta) x0. Given x1 the input is N(t x1, (1 - (1 - eta) t)^2 I):
@@ -286,8 +295,9 @@ def noisy_flow_pair(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, noise: 
     return x_t + noise_scale * torch.exp(10.0 * (t - 1.0)) * noise, target_velocity(x0, x1)
 
 
-def fql_losses(batch: dict, nets: dict, target_critic: CriticEnsemble, args: Args, alpha: float, gamma: float,
-               q_agg: str) -> dict:
+def fql_losses(
+    batch: dict, nets: dict, target_critic: CriticEnsemble, args: Args, alpha: float, gamma: float, q_agg: str
+) -> dict:
     """L_Q, L_flow, L_distill and L_q from one parameter snapshot (§1.2, §3.7). Each loss reaches only its own network."""
     obs, actions = batch["observations"], batch["actions"]
     critic, flow, onestep = nets["critic"], nets["flow"], nets["onestep"]
@@ -302,8 +312,9 @@ def fql_losses(batch: dict, nets: dict, target_critic: CriticEnsemble, args: Arg
     # L_flow: noise-injected flow matching (Eq. 7); eta = 0 is FQL's standard loss
     x0 = torch.randn_like(actions)
     t = torch.rand(actions.shape[0], 1, device=actions.device)
-    flow_input, flow_target = noisy_flow_pair(x0, actions, t, torch.randn_like(actions), args.noise_schedule,
-                                              args.eta, args.noise_scale)
+    flow_input, flow_target = noisy_flow_pair(
+        x0, actions, t, torch.randn_like(actions), args.noise_schedule, args.eta, args.noise_scale
+    )
     flow_loss = (flow(obs, flow_input, t) - flow_target).pow(2).mean()
 
     # L_distill: the one-step policy regresses onto the clipped Euler roll-out of the (stop-gradient) flow
@@ -320,8 +331,14 @@ def fql_losses(batch: dict, nets: dict, target_critic: CriticEnsemble, args: Arg
         q_loss = q_loss / q_pi.abs().mean().detach()
 
     total = critic_loss + flow_loss + alpha * distill_loss + q_loss
-    return dict(total_loss=total, critic_loss=critic_loss, flow_loss=flow_loss, distill_loss=distill_loss,
-                q_loss=q_loss, q_values=q.mean())
+    return dict(
+        total_loss=total,
+        critic_loss=critic_loss,
+        flow_loss=flow_loss,
+        distill_loss=distill_loss,
+        q_loss=q_loss,
+        q_values=q.mean(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,8 +355,17 @@ def select_candidates(q: torch.Tensor, beta: float | torch.Tensor, greedy: bool)
 
 
 @torch.no_grad()
-def act(obs: torch.Tensor, onestep: MLP, critic: CriticEnsemble, act_dim: int, num_candidates: int, guided: bool,
-        beta, q_agg: str, greedy: bool) -> torch.Tensor:
+def act(
+    obs: torch.Tensor,
+    onestep: MLP,
+    critic: CriticEnsemble,
+    act_dim: int,
+    num_candidates: int,
+    guided: bool,
+    beta,
+    q_agg: str,
+    greedy: bool,
+) -> torch.Tensor:
     """Actions in [-1, 1] for states obs (..., B, obs_dim); leading dimensions are independent calls.
 
     FQL (not guided): one sample clip(mu(s, z)), when acting and when evaluating (§1.3).
@@ -366,8 +392,9 @@ def gaussian_log_prob(x: torch.Tensor, means: torch.Tensor, chol: torch.Tensor) 
     return (-0.5 * (maha + log_det.unsqueeze(-1) + d * math.log(2.0 * math.pi))).transpose(1, 2)
 
 
-def fit_gmm(x: torch.Tensor, num_components: int = 3, max_iter: int = 100, tol: float = 1e-3, reg: float = 1e-6,
-            kmeans_iters: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_gmm(
+    x: torch.Tensor, num_components: int = 3, max_iter: int = 100, tol: float = 1e-3, reg: float = 1e-6, kmeans_iters: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EM for one full-covariance Gaussian mixture per state, all states at once, in float64.
 
     x: (S, N, d) samples. Returns weights (S, C), means (S, C, d), covariances (S, C, d, d).
@@ -430,8 +457,9 @@ def policy_entropy(obs: torch.Tensor, onestep, critic, act_dim, num_candidates, 
     draws = []
     for start in range(0, args.entropy_samples, 25):
         n = min(25, args.entropy_samples - start)
-        draws.append(act(obs.expand(n, *obs.shape), onestep, critic, act_dim, num_candidates, guided, beta, q_agg,
-                         greedy=False))
+        draws.append(
+            act(obs.expand(n, *obs.shape), onestep, critic, act_dim, num_candidates, guided, beta, q_agg, greedy=False)
+        )
     samples = torch.cat(draws).transpose(0, 1)  # (S, samples, A)
     weights, _, cov = fit_gmm(samples, args.gmm_components, args.gmm_iters, args.gmm_tol, args.gmm_reg)
     return gmm_entropy_bound(weights, cov).mean().float()
@@ -506,8 +534,14 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    data = load_dataset(args.dataset, source=args.source, dataset_dir=args.dataset_dir, env_id=args.env_id,
-                        download=args.dataset_download, device=str(device))
+    data = load_dataset(
+        args.dataset,
+        source=args.source,
+        dataset_dir=args.dataset_dir,
+        env_id=args.env_id,
+        download=args.dataset_download,
+        device=str(device),
+    )
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     num_candidates = args.num_candidates or (min(10, math.ceil(act_dim / 2)) if args.entropy_guidance else 1)
     check_args(args, num_candidates)
@@ -517,11 +551,13 @@ if __name__ == "__main__":
     reward_shift = -1.0 if "antmaze" in f"{args.dataset} {args.env_id}".lower() and not is_ogbench_name(args.dataset) else 0.0
     run_name = f"{data.name.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    nets = nn.ModuleDict(dict(
-        critic=CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics),
-        flow=MLP(obs_dim + act_dim + 1, act_dim, args.hidden_dim, args.num_layers),  # v_theta(s, x, t): raw t
-        onestep=MLP(obs_dim + act_dim, act_dim, args.hidden_dim, args.num_layers),  # mu_omega(s, z)
-    )).to(device)
+    nets = nn.ModuleDict(
+        dict(
+            critic=CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics),
+            flow=MLP(obs_dim + act_dim + 1, act_dim, args.hidden_dim, args.num_layers),  # v_theta(s, x, t): raw t
+            onestep=MLP(obs_dim + act_dim, act_dim, args.hidden_dim, args.num_layers),  # mu_omega(s, z)
+        )
+    ).to(device)
     target_critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics).to(device)
     target_critic.load_state_dict(nets["critic"].state_dict())
     optimizer = torch.optim.Adam(nets.parameters(), lr=args.learning_rate)  # one Adam over all losses (§1.3)
@@ -534,7 +570,9 @@ if __name__ == "__main__":
             nets.load_state_dict(saved["nets"])
             target_critic.load_state_dict(saved["target_critic"])
         except RuntimeError as e:
-            raise SystemExit(f"error: --load-model does not fit these networks (same --hidden-dim/--num-layers?): {str(e).splitlines()[0]}") from None
+            raise SystemExit(
+                f"error: --load-model does not fit these networks (same --hidden-dim/--num-layers?): {str(e).splitlines()[0]}"
+            ) from None
         optimizer.load_state_dict(saved["optimizer"])
         beta, start_step = saved["beta"], saved["global_step"] + 1
 
@@ -549,15 +587,25 @@ if __name__ == "__main__":
         return a[0].cpu().numpy()
 
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{k}|{v}|" for k, v in {**vars(args), "resolved alpha/gamma/q_agg": (alpha, gamma, q_agg),
-                                  "num_candidates": num_candidates}.items()))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n"
+        + "\n".join(
+            f"|{k}|{v}|"
+            for k, v in {
+                **vars(args),
+                "resolved alpha/gamma/q_agg": (alpha, gamma, q_agg),
+                "num_candidates": num_candidates,
+            }.items()
+        ),
+    )
     checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
 
     def training_state() -> dict:
         """Everything `--load-model` restores (not the online part of the replay buffer)."""
-        return dict(nets=nets, target_critic=target_critic, optimizer=optimizer, beta=beta,
-                    global_step=global_step, args=vars(args))
+        return dict(
+            nets=nets, target_critic=target_critic, optimizer=optimizer, beta=beta, global_step=global_step, args=vars(args)
+        )
 
     obs, _ = env.reset(seed=args.seed)
     start_time, global_step = time.time(), start_step - 1
@@ -569,7 +617,9 @@ if __name__ == "__main__":
             if online:
                 action = policy(obs, greedy=False)
                 next_obs, reward, terminated, truncated, info = env.step(action)
-                buffer.add(obs, action, reward + reward_shift, next_obs, 1.0 - float(terminated))  # truncation bootstraps (§2.1)
+                buffer.add(
+                    obs, action, reward + reward_shift, next_obs, 1.0 - float(terminated)
+                )  # truncation bootstraps (§2.1)
                 obs = next_obs
                 if terminated or truncated:
                     writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
@@ -590,7 +640,9 @@ if __name__ == "__main__":
                 values = torch.stack(list(losses.values())).tolist()  # one device-to-host copy per log step
                 for name, value in zip(losses, values):
                     if not math.isfinite(value):
-                        raise SystemExit(f"error: losses/{name} became {value} at step {global_step}; stopping (logs kept in runs/{run_name})")
+                        raise SystemExit(
+                            f"error: losses/{name} became {value} at step {global_step}; stopping (logs kept in runs/{run_name})"
+                        )
                     writer.add_scalar(f"losses/{name}", value, global_step)
                 writer.add_scalar("charts/beta", beta, global_step)
                 writer.add_scalar("charts/SPS", int((global_step - start_step + 1) / (time.time() - start_time)), global_step)
@@ -599,8 +651,9 @@ if __name__ == "__main__":
             online_step = global_step - args.offline_steps
             if online and online_step % args.beta_update_every == 0:
                 states = batch["observations"][: args.entropy_states]  # the latest training batch's states
-                entropy = policy_entropy(states, nets["onestep"], nets["critic"], act_dim, num_candidates, guided,
-                                         beta, q_agg, args).item()
+                entropy = policy_entropy(
+                    states, nets["onestep"], nets["critic"], act_dim, num_candidates, guided, beta, q_agg, args
+                ).item()
                 writer.add_scalar("charts/entropy", entropy, global_step)
                 if guided:
                     beta = update_beta(beta, entropy, target_entropy, args.beta_lr)
@@ -612,7 +665,9 @@ if __name__ == "__main__":
                 for name, value in result.items():
                     if name == "eval/episodic_return" or name == f"eval/{data.metric}":
                         writer.add_scalar(name, value, global_step)
-                progress.set_postfix({data.metric: f"{result.get(f'eval/{data.metric}', result['eval/episodic_return']):.3f}"}, refresh=False)
+                progress.set_postfix(
+                    {data.metric: f"{result.get(f'eval/{data.metric}', result['eval/episodic_return']):.3f}"}, refresh=False
+                )
                 if args.save_model:
                     save_checkpoint(checkpoint_path, training_state())
                     if end_of_offline:

@@ -115,9 +115,14 @@ def check_args(args: Args) -> None:
     problems = [
         (args.energy_scale < 0, "--energy-scale must be >= 0"),
         (not 0.0 < args.expectile < 1.0, "--expectile must lie in (0, 1)"),
-        (min(args.total_steps, args.batch_size, args.hidden_dim, args.num_layers, args.flow_steps) < 1,
-         "--total-steps, --batch-size, --hidden-dim, --num-layers and --flow-steps must be positive"),
-        (min(args.eval_every, args.eval_episodes, args.log_every) < 1, "--eval-every, --eval-episodes and --log-every must be positive"),
+        (
+            min(args.total_steps, args.batch_size, args.hidden_dim, args.num_layers, args.flow_steps) < 1,
+            "--total-steps, --batch-size, --hidden-dim, --num-layers and --flow-steps must be positive",
+        ),
+        (
+            min(args.eval_every, args.eval_episodes, args.log_every) < 1,
+            "--eval-every, --eval-episodes and --log-every must be positive",
+        ),
     ]
     for failed, message in problems:
         if failed:
@@ -189,8 +194,16 @@ def energy_coefficient(schedule: str, t: torch.Tensor, learned: LearnedSchedule 
     return learned.coefficient(t)
 
 
-def guided_target(q_fn, obs: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, t: torch.Tensor, energy_scale: float,
-                  coefficient: torch.Tensor, normalize_energy: bool):
+def guided_target(
+    q_fn,
+    obs: torch.Tensor,
+    a0: torch.Tensor,
+    a1: torch.Tensor,
+    t: torch.Tensor,
+    energy_scale: float,
+    coefficient: torch.Tensor,
+    normalize_energy: bool,
+):
     """The energy-guided flow-matching target u_hat_t = (a_1 - a_0) + lambda c(t) grad_a Q(s, a_t) (spec Sec. 3.2).
 
     q_fn(obs, a) -> Q of shape (batch,). Returns the target (with gradient only through `coefficient`),
@@ -276,8 +289,15 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     writer.add_text("dataset", f"{data.name}: {len(data)} transitions, metric {data.metric}")
     checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
-    checkpoint = dict(actor=actor, critic=critic, critic_target=critic_target, value=value,
-                      actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer, args=vars(args))
+    checkpoint = dict(
+        actor=actor,
+        critic=critic,
+        critic_target=critic_target,
+        value=value,
+        actor_optimizer=actor_optimizer,
+        critic_optimizer=critic_optimizer,
+        args=vars(args),
+    )
     if schedule:
         checkpoint.update(schedule=schedule, schedule_optimizer=schedule_optimizer)
     start_time = time.time()
@@ -292,8 +312,9 @@ if __name__ == "__main__":
             a0 = torch.randn_like(actions)
             t = torch.rand(args.batch_size, 1, device=device)
             coefficient = energy_coefficient(args.schedule, t, schedule)
-            target, a_t, grad_q, q_at = guided_target(q_min, obs, a0, actions, t, args.energy_scale,
-                                                      coefficient.detach(), args.normalize_energy)
+            target, a_t, grad_q, q_at = guided_target(
+                q_min, obs, a0, actions, t, args.energy_scale, coefficient.detach(), args.normalize_energy
+            )
 
             # ---- critic: IQL expectile value and twin Q regression (spec Sec. 4) ----
             with torch.no_grad():
@@ -339,11 +360,15 @@ if __name__ == "__main__":
                 }
                 if schedule is not None and args.energy_scale > 0.0:
                     metrics["losses/schedule_loss"] = schedule_loss
-                    metrics["charts/h_at_half"] = schedule.coefficient(torch.full((1, 1), 0.5, device=device))[0, 0]  # h(1/2) = c(1/2)
+                    metrics["charts/h_at_half"] = schedule.coefficient(torch.full((1, 1), 0.5, device=device))[
+                        0, 0
+                    ]  # h(1/2) = c(1/2)
                 values = torch.stack([m.detach().float() for m in metrics.values()]).tolist()  # one device-to-host copy
                 for name, val in zip(metrics, values):
                     if not math.isfinite(val):
-                        raise SystemExit(f"error: {name} became {val} at step {global_step}; stopping (logs kept in runs/{run_name})")
+                        raise SystemExit(
+                            f"error: {name} became {val} at step {global_step}; stopping (logs kept in runs/{run_name})"
+                        )
                     writer.add_scalar(name, val, global_step)
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
 

@@ -30,8 +30,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.envs import KITCHEN_ID, make_env
-from common.flow import euler_sample, hutchinson_divergence, exact_divergence, interpolate, \
-    target_velocity, tanh_divergence_correction, tanh_flow_entropy
+from common.flow import (
+    euler_sample,
+    exact_divergence,
+    hutchinson_divergence,
+    interpolate,
+    tanh_divergence_correction,
+    tanh_flow_entropy,
+    target_velocity,
+)
 
 
 @dataclass
@@ -117,13 +124,25 @@ class Args:
 def check_args(args: Args) -> None:
     """One-line errors for flag combinations that cannot run."""
     problems = [
-        (args.learning_starts < args.batch_size, f"--learning-starts ({args.learning_starts}) must be at least --batch-size ({args.batch_size})"),
-        (args.buffer_size < args.learning_starts, f"--buffer-size ({args.buffer_size}) must hold the {args.learning_starts} warm-up steps"),
+        (
+            args.learning_starts < args.batch_size,
+            f"--learning-starts ({args.learning_starts}) must be at least --batch-size ({args.batch_size})",
+        ),
+        (
+            args.buffer_size < args.learning_starts,
+            f"--buffer-size ({args.buffer_size}) must hold the {args.learning_starts} warm-up steps",
+        ),
         (args.num_candidates < 1 or args.flow_steps < 1, "--num-candidates and --flow-steps must be positive"),
         (args.adv_temperature <= 0, "--adv-temperature must be positive"),
         (args.alpha <= 0, "--alpha must be positive (alpha is tuned in log space)"),
-        (args.kitchen_tasks != 1 and args.env_id != KITCHEN_ID, f"--kitchen-tasks applies to {KITCHEN_ID} only, not {args.env_id}"),
-        (min(args.eval_every, args.eval_episodes, args.log_every) < 1, "--eval-every, --eval-episodes and --log-every must be positive"),
+        (
+            args.kitchen_tasks != 1 and args.env_id != KITCHEN_ID,
+            f"--kitchen-tasks applies to {KITCHEN_ID} only, not {args.env_id}",
+        ),
+        (
+            min(args.eval_every, args.eval_episodes, args.log_every) < 1,
+            "--eval-every, --eval-episodes and --log-every must be positive",
+        ),
     ]
     for failed, message in problems:
         if failed:
@@ -181,8 +200,9 @@ class TwinQ(nn.Module):
         return x.squeeze(-1)
 
 
-def sample_candidates(actor: VelocityField, obs: torch.Tensor, num_candidates: int, flow_steps: int,
-                      return_path: bool = False):
+def sample_candidates(
+    actor: VelocityField, obs: torch.Tensor, num_candidates: int, flow_steps: int, return_path: bool = False
+):
     """N latent candidates per state by Euler integration of the flow from z_0 ~ N(0, I) (Eq. 8), no gradient.
 
     Returns the repeated states (B*N, obs_dim), the terminal latents z_1 (B*N, d) and, with
@@ -208,8 +228,9 @@ def candidate_weights(q: torch.Tensor, temperature: float, weighting: str) -> to
     return F.one_hot(adv.argmax(1), q.shape[1]).to(q.dtype)
 
 
-def td_target(rewards: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, gamma: float,
-              reward_scale: float) -> torch.Tensor:
+def td_target(
+    rewards: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, gamma: float, reward_scale: float
+) -> torch.Tensor:
     """Eq. 20: y = r~ + gamma (1 - d) Q'(s', a'*), with d the termination flag: truncation still bootstraps."""
     return reward_scale * rewards + gamma * (1.0 - terminated) * next_q
 
@@ -282,7 +303,8 @@ if __name__ == "__main__":
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     num_updates = max(1, args.total_timesteps - args.learning_starts)
     actor_schedule = torch.optim.lr_scheduler.LinearLR(
-        actor_optimizer, 1.0, args.actor_lr_end / args.actor_lr, total_iters=num_updates)
+        actor_optimizer, 1.0, args.actor_lr_end / args.actor_lr, total_iters=num_updates
+    )
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
     divergence_fn = hutchinson_divergence if args.divergence == "hutchinson" else exact_divergence
@@ -295,9 +317,17 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
-    checkpoint = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha,
-                      actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer,
-                      alpha_optimizer=alpha_optimizer, actor_schedule=actor_schedule, args=vars(args))
+    checkpoint = dict(
+        actor=actor,
+        critic=critic,
+        critic_target=critic_target,
+        log_alpha=log_alpha,
+        actor_optimizer=actor_optimizer,
+        critic_optimizer=critic_optimizer,
+        alpha_optimizer=alpha_optimizer,
+        actor_schedule=actor_schedule,
+        args=vars(args),
+    )
     obs, _ = env.reset(seed=args.seed)
     start_time = time.time()
     progress = tqdm(range(1, args.total_timesteps + 1), desc=run_name, mininterval=5.0, disable=None)
@@ -330,7 +360,8 @@ if __name__ == "__main__":
                 alpha = log_alpha.detach().exp()
                 # One ODE solve serves the critic target (states s') and the actor's candidate set (states s).
                 obs_rep, z1, path = sample_candidates(
-                    actor, torch.cat([b_next_obs, b_obs]), args.num_candidates, args.flow_steps, return_path=True)
+                    actor, torch.cat([b_next_obs, b_obs]), args.num_candidates, args.flow_steps, return_path=True
+                )
                 half = args.batch_size * args.num_candidates
                 next_obs_rep, next_z1 = obs_rep[:half], z1[:half]
                 obs_rep, z1, path = obs_rep[half:], z1[half:], path[:, half:]
@@ -407,7 +438,9 @@ if __name__ == "__main__":
                     values = torch.stack(list(metrics.values())).tolist()  # one device-to-host copy
                     for name, value in zip(metrics, values):
                         if not math.isfinite(value):
-                            raise SystemExit(f"error: {name} became {value} at step {global_step}; stopping (logs kept in runs/{run_name})")
+                            raise SystemExit(
+                                f"error: {name} became {value} at step {global_step}; stopping (logs kept in runs/{run_name})"
+                            )
                         writer.add_scalar(name, value, global_step)
                     writer.add_scalar("charts/actor_lr", actor_schedule.get_last_lr()[0], global_step)
 
@@ -419,7 +452,8 @@ if __name__ == "__main__":
 
             if global_step % args.eval_every == 0 or global_step == args.total_timesteps:
                 eval_return, eval_tasks, eval_success = evaluate(
-                    actor, critic, eval_env, args, action_scale, action_bias, device, obs_dim)
+                    actor, critic, eval_env, args, action_scale, action_bias, device, obs_dim
+                )
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 if is_kitchen:
                     writer.add_scalar("eval/tasks_completed", eval_tasks, global_step)

@@ -88,8 +88,14 @@ def is_ogbench_name(name: str) -> bool:
     return "singletask" in name.split("-")
 
 
-def load_dataset(name: str, source: str = "auto", dataset_dir: str | None = None, env_id: str | None = None,
-                 download: bool = False, device: str | torch.device = "cpu") -> OfflineData:
+def load_dataset(
+    name: str,
+    source: str = "auto",
+    dataset_dir: str | None = None,
+    env_id: str | None = None,
+    download: bool = False,
+    device: str | torch.device = "cpu",
+) -> OfflineData:
     """Load an offline dataset as flat transitions on `device`.
 
     source: "minari" | "ogbench" | "file" | "auto" (a path that exists or ends in .npz/.hdf5/.h5 -> file;
@@ -199,11 +205,15 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
     if not present:
         command = f"MINARI_DATASETS_PATH={root} minari download {name}"
         if not download:
-            raise SystemExit(f"error: Minari dataset '{name}' not found in {root}; download it with `{command}` or rerun with --dataset-download")
+            raise SystemExit(
+                f"error: Minari dataset '{name}' not found in {root}; download it with `{command}` or rerun with --dataset-download"
+            )
         try:
             minari.download_dataset(name)
         except Exception as e:  # network, unknown id or incompatible version: one line, not a traceback
-            raise SystemExit(f"error: cannot download Minari dataset '{name}' into {root} ({type(e).__name__}: {e}); try `{command}`") from None
+            raise SystemExit(
+                f"error: cannot download Minari dataset '{name}' into {root} ({type(e).__name__}: {e}); try `{command}`"
+            ) from None
     dataset = minari.load_dataset(name)
 
     normalize_action = _action_normalizer(dataset.action_space)
@@ -212,9 +222,16 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
         obs = _flatten_batch(dataset.observation_space, ep.observations)  # (T + 1, obs_dim): includes the final observation
         actions = np.asarray(ep.actions, np.float64).reshape(len(ep.rewards), -1)
         terminals = np.asarray(ep.terminations, np.float32)
-        episodes.append(dict(observations=obs[:-1], next_observations=obs[1:],
-                             actions=normalize_action(actions) if normalize_action else actions,
-                             rewards=np.asarray(ep.rewards, np.float32), terminals=terminals, masks=1.0 - terminals))
+        episodes.append(
+            dict(
+                observations=obs[:-1],
+                next_observations=obs[1:],
+                actions=normalize_action(actions) if normalize_action else actions,
+                rewards=np.asarray(ep.rewards, np.float32),
+                terminals=terminals,
+                masks=1.0 - terminals,
+            )
+        )
     if not episodes:
         raise SystemExit(f"error: Minari dataset '{name}' has no episodes")
     arrays = _episode_arrays(episodes)
@@ -241,16 +258,20 @@ def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
 
     splits = name.split("-")
     if "singletask" not in splits:
-        raise SystemExit(f"error: '{name}' is not an OGBench single-task name (e.g. antmaze-large-navigate-singletask-v0); "
-                         "goal-conditioned OGBench datasets have no rewards")
+        raise SystemExit(
+            f"error: '{name}' is not an OGBench single-task name (e.g. antmaze-large-navigate-singletask-v0); "
+            "goal-conditioned OGBench datasets have no rewards"
+        )
     pos = splits.index("singletask")
     file_name = "-".join(splits[:pos] + splits[-1:])  # the mapping ogbench.make_env_and_datasets uses
     dataset_dir = os.path.abspath(os.path.expanduser(dataset_dir or OGBENCH_DEFAULT_DIR))
     files = [os.path.join(dataset_dir, f"{file_name}{suffix}.npz") for suffix in ("", "-val")]
     if not all(os.path.exists(f) for f in files) and not download:
         command = f"python -c \"import ogbench; ogbench.download_datasets(['{file_name}'], '{dataset_dir}')\""
-        raise SystemExit(f"error: OGBench dataset '{file_name}' (for {name}) not found in {dataset_dir}; "
-                         f"download it with `{command}` or rerun with --dataset-download")
+        raise SystemExit(
+            f"error: OGBench dataset '{file_name}' (for {name}) not found in {dataset_dir}; "
+            f"download it with `{command}` or rerun with --dataset-download"
+        )
     try:
         env, train, _ = ogbench.make_env_and_datasets(name, dataset_dir=dataset_dir, compact_dataset=False)
     except gym.error.Error as e:
@@ -260,9 +281,15 @@ def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
     env.close()
     # OGBench's `terminals` mark trajectory ends (dones); its relabelled `masks` = 1 - success are the
     # bootstrap masks, and success ends an online episode, so terminals = 1 - masks (fino.md Sec. 2.2).
-    arrays = dict(observations=train["observations"], actions=train["actions"], rewards=train["rewards"],
-                  next_observations=train["next_observations"], terminals=1.0 - train["masks"],
-                  masks=train["masks"], dones=train["terminals"])
+    arrays = dict(
+        observations=train["observations"],
+        actions=train["actions"],
+        rewards=train["rewards"],
+        next_observations=train["next_observations"],
+        terminals=1.0 - train["masks"],
+        masks=train["masks"],
+        dones=train["terminals"],
+    )
     make_env = lambda seed: _eval_env(ogbench.make_env_and_datasets(name, env_only=True), seed)
     return arrays, make_env, "success", None
 
@@ -288,7 +315,9 @@ def _load_file(path: str, env_id: str | None):
         raise SystemExit(f"error: dataset file {path} must end in {', '.join(FILE_SUFFIXES)}")
     missing = [k for k in FILE_KEYS if k not in raw]
     if missing:
-        raise SystemExit(f"error: dataset file {path} lacks {', '.join(missing)} (D4RL layout: {', '.join(FILE_KEYS)}, optionally next_observations)")
+        raise SystemExit(
+            f"error: dataset file {path} lacks {', '.join(missing)} (D4RL layout: {', '.join(FILE_KEYS)}, optionally next_observations)"
+        )
 
     def make_env(seed: int) -> gym.Env:
         return _eval_env(_make_gym_env(env_id), seed)
@@ -298,7 +327,9 @@ def _load_file(path: str, env_id: str | None):
     probe.close()
     observations = raw["observations"].reshape(len(raw["observations"]), -1).astype(np.float64)
     if observations.shape[1] != obs_dim:
-        raise SystemExit(f"error: dataset file {path} has {observations.shape[1]}-d observations but {env_id} has {obs_dim}-d ones")
+        raise SystemExit(
+            f"error: dataset file {path} has {observations.shape[1]}-d observations but {env_id} has {obs_dim}-d ones"
+        )
     n = len(observations)
     terminals = raw["terminals"].reshape(n).astype(bool)
     timeouts = raw["timeouts"].reshape(n).astype(bool)
@@ -320,7 +351,13 @@ def _load_file(path: str, env_id: str | None):
     if "antmaze" in env_id.lower():
         rewards = rewards - 1.0  # D4RL antmaze: r - 1 (IQL/FQL convention)
     terminals = terminals.astype(np.float32)
-    arrays = dict(observations=observations[keep], next_observations=next_observations[keep],
-                  actions=(normalize_action(actions) if normalize_action else actions)[keep], rewards=rewards[keep],
-                  terminals=terminals[keep], masks=1.0 - terminals[keep], dones=dones)
+    arrays = dict(
+        observations=observations[keep],
+        next_observations=next_observations[keep],
+        actions=(normalize_action(actions) if normalize_action else actions)[keep],
+        rewards=rewards[keep],
+        terminals=terminals[keep],
+        masks=1.0 - terminals[keep],
+        dones=dones,
+    )
     return arrays, make_env, "return", None

@@ -44,8 +44,9 @@ class KitchenTaskMetrics(gym.Wrapper):
         return obs["observation"].astype(np.float32), reward, terminated, truncated, info
 
 
-def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: str = "videos",
-             kitchen_tasks: int = 1) -> gym.Env:
+def make_env(
+    env_id: str, seed: int, capture_video: bool = False, video_folder: str = "videos", kitchen_tasks: int = 1
+) -> gym.Env:
     """Build one seeded env. Raises SystemExit with one line for an unknown id or a bad task set."""
     render_mode = "rgb_array" if capture_video else None
     try:
@@ -55,19 +56,27 @@ def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: 
             gym.register_envs(gymnasium_robotics)
             if kitchen_tasks not in KITCHEN_TASK_SETS:
                 raise SystemExit(f"error: --kitchen-tasks must be one of {sorted(KITCHEN_TASK_SETS)}, got {kitchen_tasks}")
-            env = gym.make(env_id, tasks_to_complete=KITCHEN_TASK_SETS[kitchen_tasks],
-                           max_episode_steps=KITCHEN_EPISODE_STEPS, render_mode=render_mode)
+            env = gym.make(
+                env_id,
+                tasks_to_complete=KITCHEN_TASK_SETS[kitchen_tasks],
+                max_episode_steps=KITCHEN_EPISODE_STEPS,
+                render_mode=render_mode,
+            )
             env = KitchenTaskMetrics(env, kitchen_tasks)
         else:
             env = gym.make(env_id, render_mode=render_mode)
     except gym.error.Error as e:
         raise SystemExit(f"error: cannot make environment '{env_id}': {e}") from None
     if not isinstance(env.action_space, gym.spaces.Box):
-        raise SystemExit(f"error: '{env_id}' has a {type(env.action_space).__name__} action space; continuous (Box) actions are required")
+        raise SystemExit(
+            f"error: '{env_id}' has a {type(env.action_space).__name__} action space; continuous (Box) actions are required"
+        )
     if not isinstance(env.observation_space, gym.spaces.Box):
         env = gym.wrappers.FlattenObservation(env)
     if capture_video:
-        env = gym.wrappers.RecordVideo(env, video_folder, disable_logger=True)  # cubic schedule: episodes 0, 1, 8, 27, ..., 1000, 2000, ...
+        env = gym.wrappers.RecordVideo(
+            env, video_folder, disable_logger=True
+        )  # cubic schedule: episodes 0, 1, 8, 27, ..., 1000, 2000, ...
     env = gym.wrappers.RecordEpisodeStatistics(env)
     env.action_space.seed(seed)
     env.reset(seed=seed)

@@ -63,8 +63,9 @@ def rademacher_like(x: torch.Tensor) -> torch.Tensor:
     return torch.randint_like(x, 0, 2).mul_(2).sub_(1)
 
 
-def hutchinson_divergence(u: torch.Tensor, x: torch.Tensor, probe: torch.Tensor | None = None,
-                          create_graph: bool = True) -> torch.Tensor:
+def hutchinson_divergence(
+    u: torch.Tensor, x: torch.Tensor, probe: torch.Tensor | None = None, create_graph: bool = True
+) -> torch.Tensor:
     """Unbiased estimate eps^T (du/dx) eps of div u = tr(du/dx) (FMER Eq. 16), one probe per row.
 
     `u` must have been computed from `x` (which requires grad); rows are independent samples, so

@@ -95,17 +95,23 @@ if __name__ == "__main__":
         loss.backward()
         optimizer.step()
 
-    print(f"device {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-          f"{args.threads} thread(s); batch {args.batch_size}, MLPs {args.num_layers} x {args.hidden_dim}, "
-          f"obs {args.obs_dim}, act {args.act_dim}; ms per call, median of {args.repeats} rounds of {args.iters} calls "
-          f"after {args.warmup} warm-up")
+    print(
+        f"device {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"{args.threads} thread(s); batch {args.batch_size}, MLPs {args.num_layers} x {args.hidden_dim}, "
+        f"obs {args.obs_dim}, act {args.act_dim}; ms per call, median of {args.repeats} rounds of {args.iters} calls "
+        f"after {args.warmup} warm-up"
+    )
     # interleaved rounds, median per cell: a burst of load from other processes hits all K alike
     times = {steps: [] for steps in args.flow_steps}
     for _ in range(args.repeats):
         for steps in args.flow_steps:
-            times[steps].append((timed(flowq_update, args.iters, args.warmup, device),
-                                 timed(lambda: backprop_update(steps), args.iters, args.warmup, device),
-                                 timed(lambda: sample_actions(actor, obs, steps), args.iters, args.warmup, device)))
+            times[steps].append(
+                (
+                    timed(flowq_update, args.iters, args.warmup, device),
+                    timed(lambda: backprop_update(steps), args.iters, args.warmup, device),
+                    timed(lambda: sample_actions(actor, obs, steps), args.iters, args.warmup, device),
+                )
+            )
     print(f"{'flow steps':>10} {'flowq update':>13} {'backprop-K update':>18} {'sample-K (acting)':>18}")
     for steps, rounds in times.items():
         flowq_ms, backprop_ms, sample_ms = np.median(np.array(rounds), axis=0)

@@ -40,10 +40,23 @@ if __name__ == "__main__":
     print(f"{'env':<16} {'SPS (updates/s)':>16} {'peak GPU MB':>12}")
     for env_id in args.env_ids:
         with tempfile.TemporaryDirectory() as workdir:
-            command = [sys.executable, os.path.join(ROOT, "fmer.py"), "--env-id", env_id,
-                       "--total-timesteps", str(args.warmup + args.updates), "--learning-starts", str(args.warmup),
-                       "--eval-every", str(10 * (args.warmup + args.updates)), "--eval-episodes", "1",
-                       "--log-every", str(log_every), *shlex.split(args.fmer_flags)]
+            command = [
+                sys.executable,
+                os.path.join(ROOT, "fmer.py"),
+                "--env-id",
+                env_id,
+                "--total-timesteps",
+                str(args.warmup + args.updates),
+                "--learning-starts",
+                str(args.warmup),
+                "--eval-every",
+                str(10 * (args.warmup + args.updates)),
+                "--eval-episodes",
+                "1",
+                "--log-every",
+                str(log_every),
+                *shlex.split(args.fmer_flags),
+            ]
             result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f"error: fmer.py failed on {env_id}: {result.stderr.strip().splitlines()[-1]}")
@@ -52,5 +65,9 @@ if __name__ == "__main__":
             events.Reload()
             updates = [e for e in events.Scalars("losses/qf_loss")]  # logged only on update steps
             rate = (updates[-1].step - updates[0].step) / (updates[-1].wall_time - updates[0].wall_time)
-            memory = events.Scalars("charts/gpu_memory_mb")[-1].value if "charts/gpu_memory_mb" in events.Tags()["scalars"] else float("nan")
+            memory = (
+                events.Scalars("charts/gpu_memory_mb")[-1].value
+                if "charts/gpu_memory_mb" in events.Tags()["scalars"]
+                else float("nan")
+            )
             print(f"{env_id:<16} {rate:>16.1f} {memory:>12.0f}")

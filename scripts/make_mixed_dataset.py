@@ -101,10 +101,17 @@ if __name__ == "__main__":
                 _, returns[k, j] = run_episode(env, lambda o: policy.act(o, M), rng, observe=policy.observe)
         top = np.argsort(-returns.max(1))[: args.ars_top]
         sigma = returns[top].std() + 1e-8
-        policy.M += args.ars_step / (args.ars_top * sigma) * np.einsum("k,kij->ij", returns[top, 0] - returns[top, 1], deltas[top])
+        policy.M += (
+            args.ars_step / (args.ars_top * sigma) * np.einsum("k,kij->ij", returns[top, 0] - returns[top, 1], deltas[top])
+        )
         if it in snapshot_at:
             frozen = LinearPolicy(obs_dim, act_dim)
-            frozen.M, frozen.count, frozen.mean, frozen.m2 = policy.M.copy(), policy.count, policy.mean.copy(), policy.m2.copy()
+            frozen.M, frozen.count, frozen.mean, frozen.m2 = (
+                policy.M.copy(),
+                policy.count,
+                policy.mean.copy(),
+                policy.m2.copy(),
+            )
             _, ret = run_episode(env, frozen.act, rng)
             snapshots.append((f"ars_iter{it}", frozen))
             print(f"ARS iteration {it}: noiseless return {ret:.1f} ({time.time() - start:.0f} s)")
@@ -122,9 +129,13 @@ if __name__ == "__main__":
             for key, column in zip(data, zip(*rows)):
                 data[key].extend(column)
         all_returns += source_returns
-        print(f"{name:>14}: {args.episodes_per_policy} episodes, mean return {np.mean(source_returns):8.1f} "
-              f"(min {np.min(source_returns):.1f}, max {np.max(source_returns):.1f})")
+        print(
+            f"{name:>14}: {args.episodes_per_policy} episodes, mean return {np.mean(source_returns):8.1f} "
+            f"(min {np.min(source_returns):.1f}, max {np.max(source_returns):.1f})"
+        )
     arrays = {k: np.asarray(v, np.bool_ if k in ("terminals", "timeouts") else np.float32) for k, v in data.items()}
     np.savez(args.out, **arrays)
-    print(f"dataset: {len(arrays['rewards'])} transitions, {len(all_returns)} episodes, "
-          f"mean episode return {np.mean(all_returns):.1f}, best episode {np.max(all_returns):.1f} -> {args.out}")
+    print(
+        f"dataset: {len(arrays['rewards'])} transitions, {len(all_returns)} episodes, "
+        f"mean episode return {np.mean(all_returns):.1f}, best episode {np.max(all_returns):.1f} -> {args.out}"
+    )

@@ -31,8 +31,10 @@ def rollout(env: gym.Env, num_episodes: int, max_steps: int, seed: int = 0) -> l
             action = env.action_space.sample()
             obs, reward, terminated, truncated, info = env.step(action)
             truncated = truncated or (step == max_steps - 1 and not terminated)
-            for key, value in zip(("observations", "actions", "rewards", "terminations", "truncations", "infos"),
-                                  (obs, action, reward, terminated, truncated, info)):
+            for key, value in zip(
+                ("observations", "actions", "rewards", "terminations", "truncations", "infos"),
+                (obs, action, reward, terminated, truncated, info),
+            ):
                 ep[key].append(value)
             if terminated or truncated:
                 break
@@ -55,9 +57,17 @@ def _stack(values: list):
     return np.stack(values)
 
 
-def write_minari_dataset(root: str, dataset_id: str, env_id: str, num_episodes: int = 4, max_steps: int = 30,
-                         seed: int = 0, ref_min_score: float | None = None, ref_max_score: float | None = None,
-                         **make_kwargs) -> list[dict]:
+def write_minari_dataset(
+    root: str,
+    dataset_id: str,
+    env_id: str,
+    num_episodes: int = 4,
+    max_steps: int = 30,
+    seed: int = 0,
+    ref_min_score: float | None = None,
+    ref_max_score: float | None = None,
+    **make_kwargs,
+) -> list[dict]:
     """Create a Minari dataset `dataset_id` under `root` (sets MINARI_DATASETS_PATH) with Minari's own API."""
     import minari
     from minari.data_collector.episode_buffer import EpisodeBuffer  # a plain dataclass; no jax needed
@@ -66,19 +76,40 @@ def write_minari_dataset(root: str, dataset_id: str, env_id: str, num_episodes: 
     _register_robotics(env_id)
     env = gym.make(env_id, **make_kwargs)
     episodes = rollout(env, num_episodes, max_steps, seed)
-    buffer = [EpisodeBuffer(observations=_stack(ep["observations"]), actions=np.stack(ep["actions"]),
-                            rewards=np.asarray(ep["rewards"], np.float64), terminations=np.asarray(ep["terminations"]),
-                            truncations=np.asarray(ep["truncations"])) for ep in episodes]
+    buffer = [
+        EpisodeBuffer(
+            observations=_stack(ep["observations"]),
+            actions=np.stack(ep["actions"]),
+            rewards=np.asarray(ep["rewards"], np.float64),
+            terminations=np.asarray(ep["terminations"]),
+            truncations=np.asarray(ep["truncations"]),
+        )
+        for ep in episodes
+    ]
     minari.create_dataset_from_buffers(
-        dataset_id, buffer, env=env, eval_env=env.spec, algorithm_name="uniform random", author="tests", author_email="tests@example.com",
-        code_permalink="tests/fixtures.py", description="tiny test fixture", ref_min_score=ref_min_score,
-        ref_max_score=ref_max_score)
+        dataset_id,
+        buffer,
+        env=env,
+        eval_env=env.spec,
+        algorithm_name="uniform random",
+        author="tests",
+        author_email="tests@example.com",
+        code_permalink="tests/fixtures.py",
+        description="tiny test fixture",
+        ref_min_score=ref_min_score,
+        ref_max_score=ref_max_score,
+    )
     env.close()
     return episodes
 
 
-def write_ogbench_dataset(dataset_dir: str, name: str = "pointmaze-medium-navigate-singletask-v0",
-                          num_episodes: int = 3, episode_length: int = 40, seed: int = 0) -> list[dict]:
+def write_ogbench_dataset(
+    dataset_dir: str,
+    name: str = "pointmaze-medium-navigate-singletask-v0",
+    num_episodes: int = 3,
+    episode_length: int = 40,
+    seed: int = 0,
+) -> list[dict]:
     """Write OGBench's train and val .npz files for the single-task `name` into `dataset_dir`.
 
     Rows follow OGBench's data-generation scripts: per step the observation before the action, the
@@ -104,16 +135,18 @@ def write_ogbench_dataset(dataset_dir: str, name: str = "pointmaze-medium-naviga
             rows["terminals"].append(np.arange(t_len) == t_len - 1)
             rows["qpos"].append(np.stack([info["prev_qpos"] for info in ep["infos"]]).astype(np.float32))
             rows["qvel"].append(np.stack([info["prev_qvel"] for info in ep["infos"]]).astype(np.float32))
-        np.savez_compressed(os.path.join(dataset_dir, f"{file_name}{suffix}.npz"),
-                            **{k: np.concatenate(v) for k, v in rows.items()})
+        np.savez_compressed(
+            os.path.join(dataset_dir, f"{file_name}{suffix}.npz"), **{k: np.concatenate(v) for k, v in rows.items()}
+        )
         if suffix == "":
             all_episodes = episodes
     env.close()
     return all_episodes
 
 
-def write_d4rl_file(path: str, env_id: str, num_episodes: int = 4, max_steps: int = 30, seed: int = 0,
-                    next_observations: bool = True) -> list[dict]:
+def write_d4rl_file(
+    path: str, env_id: str, num_episodes: int = 4, max_steps: int = 30, seed: int = 0, next_observations: bool = True
+) -> list[dict]:
     """Write a flat D4RL-layout dataset (.npz or .hdf5) of random-action episodes on `env_id`."""
     _register_robotics(env_id)
     env = gym.make(env_id)
@@ -121,11 +154,13 @@ def write_d4rl_file(path: str, env_id: str, num_episodes: int = 4, max_steps: in
     env.close()
     for ep in episodes:  # the flat layout stores flat observations (Dict ones in FlattenObservation's order)
         ep["observations"] = [gym.spaces.flatten(env.observation_space, o) for o in ep["observations"]]
-    data = dict(observations=np.concatenate([np.stack(ep["observations"][:-1]) for ep in episodes]),
-                actions=np.concatenate([np.stack(ep["actions"]) for ep in episodes]),
-                rewards=np.concatenate([ep["rewards"] for ep in episodes]),
-                terminals=np.concatenate([ep["terminations"] for ep in episodes]),
-                timeouts=np.concatenate([ep["truncations"] for ep in episodes]))
+    data = dict(
+        observations=np.concatenate([np.stack(ep["observations"][:-1]) for ep in episodes]),
+        actions=np.concatenate([np.stack(ep["actions"]) for ep in episodes]),
+        rewards=np.concatenate([ep["rewards"] for ep in episodes]),
+        terminals=np.concatenate([ep["terminations"] for ep in episodes]),
+        timeouts=np.concatenate([ep["truncations"] for ep in episodes]),
+    )
     if next_observations:
         data["next_observations"] = np.concatenate([np.stack(ep["observations"][1:]) for ep in episodes])
     data = {k: np.asarray(v, np.bool_ if k in ("terminals", "timeouts") else np.float32) for k, v in data.items()}

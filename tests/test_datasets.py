@@ -33,8 +33,15 @@ def raw_transitions(episodes, flatten=lambda o: np.asarray(o, np.float64).ravel(
 
 
 def test_minari_transitions_boundaries_and_normalized_score(minari_root):
-    episodes = write_minari_dataset(minari_root, "test/hopper/random-v0", "Hopper-v5", num_episodes=5, max_steps=30,
-                                    ref_min_score=-10.0, ref_max_score=90.0)
+    episodes = write_minari_dataset(
+        minari_root,
+        "test/hopper/random-v0",
+        "Hopper-v5",
+        num_episodes=5,
+        max_steps=30,
+        ref_min_score=-10.0,
+        ref_max_score=90.0,
+    )
     # random actions: some Hopper episodes terminate (fall), the others hit the 30-step cut
     assert any(ep["terminations"][-1] for ep in episodes) and any(ep["truncations"][-1] for ep in episodes)
     data = load_dataset("test/hopper/random-v0", dataset_dir=minari_root)

@@ -13,8 +13,20 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.flow import interpolate, target_velocity
-from fino import (MLP, Args, CriticEnsemble, ReplayBuffer, act, fit_gmm, fql_losses, gmm_entropy_bound, noise_std,
-                  noisy_flow_pair, select_candidates, update_beta)
+from fino import (
+    MLP,
+    Args,
+    CriticEnsemble,
+    ReplayBuffer,
+    act,
+    fit_gmm,
+    fql_losses,
+    gmm_entropy_bound,
+    noise_std,
+    noisy_flow_pair,
+    select_candidates,
+    update_beta,
+)
 from tests.fixtures import write_minari_dataset, write_ogbench_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +42,9 @@ def test_prop1_noise_variance_is_a_proper_variance_with_its_endpoints(eta):
     assert torch.allclose(alpha2, polynomial, atol=1e-12)  # so the clamp in noise_std never acts on [0, 1]
     assert (polynomial >= 0).all()
     assert noise_std(torch.tensor(0.0, dtype=torch.float64), eta) == 0.0  # no noise at the source
-    assert noise_std(torch.tensor(1.0, dtype=torch.float64), eta).item() == pytest.approx(eta, abs=1e-12)  # std eta at the data end
+    assert noise_std(torch.tensor(1.0, dtype=torch.float64), eta).item() == pytest.approx(
+        eta, abs=1e-12
+    )  # std eta at the data end
 
 
 @pytest.mark.parametrize("eta", ETAS)
@@ -52,8 +66,9 @@ def bimodal_skewed(n: int, generator: torch.Generator) -> torch.Tensor:
     """A non-Gaussian action distribution in [-1, 1]^2: 70 % near (0.8, 0.8), 30 % uniform on a bar at y = -0.9."""
     pick = torch.rand(n, 1, generator=generator, dtype=torch.float64) < 0.7
     mode = 0.8 + 0.05 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    bar = torch.stack([2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1,
-                       torch.full((n,), -0.9, dtype=torch.float64)], 1)
+    bar = torch.stack(
+        [2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1, torch.full((n,), -0.9, dtype=torch.float64)], 1
+    )
     return torch.where(pick, mode, bar)
 
 
@@ -70,7 +85,10 @@ def test_thm2_marginal_variance_at_least_standard_fm_closed_form_and_sampled():
         assert (fino_closed[1:] > fm_closed[1:]).all()  # strictly larger for t > 0 when eta > 0
         for t in (0.25, 0.5, 0.75, 1.0):
             tt = torch.full((n, 1), t, dtype=torch.float64)
-            x0, noise = torch.randn(n, 2, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+            x0, noise = (
+                torch.randn(n, 2, generator=g, dtype=torch.float64),
+                torch.randn(n, 2, generator=g, dtype=torch.float64),
+            )
             fino_var = noisy_flow_pair(x0, x1, tt, noise, "paper", eta, 0.1)[0].var(0)
             fm_var = interpolate(x0, x1, tt).var(0)
             expected_gap = (1 - (1 - eta) * t) ** 2 - (1 - t) ** 2
@@ -126,8 +144,9 @@ def test_gmm_entropy_of_well_separated_mixtures_is_weight_plus_component_entropy
     n, states = 6000, 3
     comp = torch.multinomial(w, states * n, replacement=True).view(states, n)
     x = means[comp] + scales[comp, None] * torch.randn(states, n, 2, dtype=torch.float64)
-    expected = -(w * w.log()).sum() + sum(w[j] * gaussian_entropy(scales[j] ** 2 * torch.eye(2, dtype=torch.float64))
-                                          for j in range(3))
+    expected = -(w * w.log()).sum() + sum(
+        w[j] * gaussian_entropy(scales[j] ** 2 * torch.eye(2, dtype=torch.float64)) for j in range(3)
+    )
     weights, fitted_means, covs = fit_gmm(x, num_components=3)
     assert torch.allclose(gmm_entropy_bound(weights, covs), expected.expand(states), atol=0.05)
     assert torch.allclose(weights.sort(-1).values, w.sort().values.expand(states, 3), atol=0.03)
@@ -231,12 +250,18 @@ def test_critic_ensemble_equals_independent_layernorm_mlps():
 
 def tiny_setup(seed=0):
     torch.manual_seed(seed)
-    nets = torch.nn.ModuleDict(dict(critic=CriticEnsemble(3, 2, 16, 2, 2), flow=MLP(3 + 2 + 1, 2, 16, 2),
-                                    onestep=MLP(3 + 2, 2, 16, 2)))
+    nets = torch.nn.ModuleDict(
+        dict(critic=CriticEnsemble(3, 2, 16, 2, 2), flow=MLP(3 + 2 + 1, 2, 16, 2), onestep=MLP(3 + 2, 2, 16, 2))
+    )
     target = CriticEnsemble(3, 2, 16, 2, 2)
     target.load_state_dict(nets["critic"].state_dict())
-    batch = dict(observations=torch.randn(32, 3), actions=torch.rand(32, 2) * 2 - 1, rewards=-torch.rand(32),
-                 next_observations=torch.randn(32, 3), masks=torch.ones(32))
+    batch = dict(
+        observations=torch.randn(32, 3),
+        actions=torch.rand(32, 2) * 2 - 1,
+        rewards=-torch.rand(32),
+        next_observations=torch.randn(32, 3),
+        masks=torch.ones(32),
+    )
     return nets, target, batch
 
 
@@ -294,14 +319,39 @@ def test_replay_buffer_prefilled_with_the_dataset_then_fifo_over_the_oldest_rows
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------------
-TINY = ["--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--flow-steps", "3", "--log-every", "50",
-        "--eval-episodes", "1", "--entropy-states", "16", "--entropy-samples", "30", "--gmm-iters", "20", "--no-cuda"]
+TINY = [
+    "--hidden-dim",
+    "16",
+    "--num-layers",
+    "2",
+    "--batch-size",
+    "32",
+    "--flow-steps",
+    "3",
+    "--log-every",
+    "50",
+    "--eval-episodes",
+    "1",
+    "--entropy-states",
+    "16",
+    "--entropy-samples",
+    "30",
+    "--gmm-iters",
+    "20",
+    "--no-cuda",
+]
 OGBENCH_NAME = "pointmaze-medium-navigate-singletask-v0"
 
 
 def run_fino(cwd, *flags):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "fino.py"), *flags], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "fino.py"), *flags],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def scalars(run_dir):
@@ -319,15 +369,41 @@ def ogbench_dir(tmp_path_factory):
 
 def test_smoke_ogbench_offline_online_beta_update_save_and_resume(tmp_path, ogbench_dir):
     # a 1000-step pointmaze episode must end online for charts/episodic_return
-    flags = ["--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--offline-steps", "100", "--online-steps", "1100",
-             "--eval-every", "600", "--beta-update-every", "500", "--num-candidates", "3", *TINY]
+    flags = [
+        "--dataset",
+        OGBENCH_NAME,
+        "--dataset-dir",
+        ogbench_dir,
+        "--offline-steps",
+        "100",
+        "--online-steps",
+        "1100",
+        "--eval-every",
+        "600",
+        "--beta-update-every",
+        "500",
+        "--num-candidates",
+        "3",
+        *TINY,
+    ]
     result = run_fino(tmp_path, *flags, "--save-model")
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     logged = scalars(run_dir)
-    for tag in ["losses/total_loss", "losses/critic_loss", "losses/flow_loss", "losses/distill_loss", "losses/q_loss",
-                "losses/q_values", "charts/SPS", "charts/beta", "charts/entropy", "charts/episodic_return",
-                "eval/success", "eval/episodic_return"]:
+    for tag in [
+        "losses/total_loss",
+        "losses/critic_loss",
+        "losses/flow_loss",
+        "losses/distill_loss",
+        "losses/q_loss",
+        "losses/q_values",
+        "charts/SPS",
+        "charts/beta",
+        "charts/entropy",
+        "charts/episodic_return",
+        "eval/success",
+        "eval/episodic_return",
+    ]:
         assert tag in logged, tag
     assert len(logged["losses/critic_loss"]) == 1200 // 50  # one update per step, offline and online
     assert [s for s, _ in logged["eval/success"]] == [100, 600, 1200]  # end of offline, every 600, the end
@@ -350,9 +426,25 @@ def test_smoke_ogbench_offline_online_beta_update_save_and_resume(tmp_path, ogbe
 
 
 def test_smoke_fql_configuration(tmp_path, ogbench_dir):
-    result = run_fino(tmp_path, "--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--eta", "0",
-                      "--no-entropy-guidance", "--offline-steps", "100", "--online-steps", "100", "--eval-every", "100",
-                      "--beta-update-every", "50", *TINY)
+    result = run_fino(
+        tmp_path,
+        "--dataset",
+        OGBENCH_NAME,
+        "--dataset-dir",
+        ogbench_dir,
+        "--eta",
+        "0",
+        "--no-entropy-guidance",
+        "--offline-steps",
+        "100",
+        "--online-steps",
+        "100",
+        "--eval-every",
+        "100",
+        "--beta-update-every",
+        "50",
+        *TINY,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     logged = scalars(run_dir)
@@ -363,9 +455,25 @@ def test_smoke_fql_configuration(tmp_path, ogbench_dir):
 def test_smoke_minari_offline_online(tmp_path):
     root = str(tmp_path / "minari")
     write_minari_dataset(root, "test/pendulum/random-v0", "Pendulum-v1", num_episodes=3, max_steps=50)
-    result = run_fino(tmp_path, "--dataset", "test/pendulum/random-v0", "--dataset-dir", root, "--offline-steps", "100",
-                      "--online-steps", "250", "--eval-every", "150", "--beta-update-every", "200",
-                      "--num-candidates", "2", "--save-model", *TINY)
+    result = run_fino(
+        tmp_path,
+        "--dataset",
+        "test/pendulum/random-v0",
+        "--dataset-dir",
+        root,
+        "--offline-steps",
+        "100",
+        "--online-steps",
+        "250",
+        "--eval-every",
+        "150",
+        "--beta-update-every",
+        "200",
+        "--num-candidates",
+        "2",
+        "--save-model",
+        *TINY,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     logged = scalars(run_dir)
@@ -375,16 +483,24 @@ def test_smoke_minari_offline_online(tmp_path):
     assert os.path.exists(os.path.join(run_dir, "fino.pt"))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dataset", "pointmaze-medium-navigate-singletask-v0", "--dataset-dir", "/nonexistent"], "error: OGBench dataset"),
-    (["--dataset", OGBENCH_NAME, "--num-candidates", "1"], "error: entropy guidance needs at least 2 candidates"),
-    (["--dataset", OGBENCH_NAME], "error: entropy guidance needs at least 2 candidates (K = 1)"),  # A = 2: K = ceil(A/2) = 1
-    (["--dataset", OGBENCH_NAME, "--no-entropy-guidance", "--num-candidates", "4"], "error: --num-candidates applies"),
-    (["--dataset", OGBENCH_NAME, "--eta", "1.5", "--num-candidates", "2"], "error: --eta must lie in [0, 1]"),
-    (["--dataset", OGBENCH_NAME, "--preset", "nosuchtask"], "error: unknown --preset"),
-    (["--dataset", OGBENCH_NAME, "--num-candidates", "2", "--alpha", "nan", "--offline-steps", "50", *TINY],
-     "error: losses/total_loss became nan at step 50"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "pointmaze-medium-navigate-singletask-v0", "--dataset-dir", "/nonexistent"], "error: OGBench dataset"),
+        (["--dataset", OGBENCH_NAME, "--num-candidates", "1"], "error: entropy guidance needs at least 2 candidates"),
+        (
+            ["--dataset", OGBENCH_NAME],
+            "error: entropy guidance needs at least 2 candidates (K = 1)",
+        ),  # A = 2: K = ceil(A/2) = 1
+        (["--dataset", OGBENCH_NAME, "--no-entropy-guidance", "--num-candidates", "4"], "error: --num-candidates applies"),
+        (["--dataset", OGBENCH_NAME, "--eta", "1.5", "--num-candidates", "2"], "error: --eta must lie in [0, 1]"),
+        (["--dataset", OGBENCH_NAME, "--preset", "nosuchtask"], "error: unknown --preset"),
+        (
+            ["--dataset", OGBENCH_NAME, "--num-candidates", "2", "--alpha", "nan", "--offline-steps", "50", *TINY],
+            "error: losses/total_loss became nan at step 50",
+        ),
+    ],
+)
 def test_bad_input_ends_with_one_line(tmp_path, ogbench_dir, flags, message):
     if "/nonexistent" not in flags:
         flags = [*flags, "--dataset-dir", ogbench_dir]

@@ -6,10 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from common.flow import (TANH_GAUSSIAN_ENTROPY_PER_DIM, TANH_LOG_JACOBIAN_MEAN, euler_sample, exact_divergence,
-                         flow_entropy, gaussian_entropy, hutchinson_divergence, interpolate, rademacher_like,
-                         tanh_divergence_correction, tanh_flow_entropy, target_velocity)
-
+from common.flow import (
+    TANH_GAUSSIAN_ENTROPY_PER_DIM,
+    TANH_LOG_JACOBIAN_MEAN,
+    euler_sample,
+    exact_divergence,
+    flow_entropy,
+    gaussian_entropy,
+    hutchinson_divergence,
+    interpolate,
+    rademacher_like,
+    tanh_divergence_correction,
+    tanh_flow_entropy,
+    target_velocity,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +65,7 @@ def test_exact_divergence_is_the_jacobian_trace():
     z, t = torch.randn(6, 4, requires_grad=True), torch.rand(6, 1)
     div = exact_divergence(field(z, t), z)
     for row in range(6):
-        jac = torch.autograd.functional.jacobian(lambda x: field(x[None], t[row:row + 1])[0], z[row].detach())
+        jac = torch.autograd.functional.jacobian(lambda x: field(x[None], t[row : row + 1])[0], z[row].detach())
         assert div[row].item() == pytest.approx(torch.trace(jac).item(), abs=1e-10)
 
 
@@ -147,7 +157,7 @@ def test_eqs17_18_action_entropy_of_a_tanh_squashed_flow():
     b = torch.tensor([0.4, -0.2])
     field, z1, path = affine_flow_samples(a0, a1, b, n=40_000)
     h_z1 = 0.5 * torch.logdet(2 * math.pi * math.e * torch.cov(z1.T)).item()
-    log_jac = torch.log1p(-torch.tanh(z1) ** 2).sum(-1)
+    log_jac = torch.log1p(-(torch.tanh(z1) ** 2)).sum(-1)
     direct = h_z1 + log_jac.mean().item()  # H(tanh z) = H(z) + E[sum log(1 - tanh^2 z)]
 
     steps = path.shape[0]
@@ -165,10 +175,10 @@ def test_tanh_base_entropy_constant():
     """0.6698 nats per dim: the entropy of tanh(z), z ~ N(0, 1), by integrating its density over a directly."""
     a = np.linspace(-1, 1, 2_000_001)[1:-1]
     z = np.arctanh(a)
-    density = np.exp(-z**2 / 2) / np.sqrt(2 * np.pi) / (1 - a**2)
+    density = np.exp(-(z**2) / 2) / np.sqrt(2 * np.pi) / (1 - a**2)
     integrand = np.where(density > 0, -density * np.log(np.maximum(density, 1e-300)), 0.0)
     entropy = np.trapezoid(integrand, a)
     assert TANH_GAUSSIAN_ENTROPY_PER_DIM == pytest.approx(entropy, abs=1e-4)
     samples = torch.randn(2_000_000)
-    assert TANH_LOG_JACOBIAN_MEAN == pytest.approx(torch.log1p(-torch.tanh(samples) ** 2).mean().item(), abs=3e-3)
+    assert TANH_LOG_JACOBIAN_MEAN == pytest.approx(torch.log1p(-(torch.tanh(samples) ** 2)).mean().item(), abs=3e-3)
     assert tanh_flow_entropy(3, torch.tensor(0.0)).item() == pytest.approx(3 * entropy, abs=3e-4)

@@ -72,8 +72,9 @@ def train_toy_policy(energy_scale: float, steps: int = 1500, seed: int = 0) -> f
         modes = torch.where(torch.rand(512, 1) < 0.5, -0.5, 0.5)
         a1 = modes + 0.1 * torch.randn(512, 1)
         a0, t = torch.randn(512, 1), torch.rand(512, 1)
-        target, a_t, _, _ = guided_target(linear_q, obs, a0, a1, t, energy_scale, energy_coefficient("t", t),
-                                          normalize_energy=False)
+        target, a_t, _, _ = guided_target(
+            linear_q, obs, a0, a1, t, energy_scale, energy_coefficient("t", t), normalize_energy=False
+        )
         loss = (actor(obs, a_t, t) - target).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -93,8 +94,14 @@ def run_flowq(tmp_path, *flags):
     """Run flowq.py in tmp_path (its runs/ go there) with tiny networks and budgets."""
     tiny = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64", "--log-every", "50", "--no-cuda"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "flowq.py"), *tiny, *flags], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "flowq.py"), *tiny, *flags],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def scalars(tmp_path):
@@ -107,10 +114,23 @@ def scalars(tmp_path):
 def test_flowq_end_to_end_on_a_minari_dataset(tmp_path, monkeypatch):
     root = str(tmp_path / "minari")
     monkeypatch.setenv("MINARI_DATASETS_PATH", root)
-    write_minari_dataset(root, "test/hopper/random-v0", "Hopper-v5", num_episodes=5, max_steps=40,
-                         ref_min_score=0.0, ref_max_score=100.0)
-    result = run_flowq(tmp_path, "--dataset", "test/hopper/random-v0", "--dataset-dir", root, "--total-steps", "300",
-                       "--eval-every", "150", "--eval-episodes", "1", "--save-model")
+    write_minari_dataset(
+        root, "test/hopper/random-v0", "Hopper-v5", num_episodes=5, max_steps=40, ref_min_score=0.0, ref_max_score=100.0
+    )
+    result = run_flowq(
+        tmp_path,
+        "--dataset",
+        "test/hopper/random-v0",
+        "--dataset-dir",
+        root,
+        "--total-steps",
+        "300",
+        "--eval-every",
+        "150",
+        "--eval-episodes",
+        "1",
+        "--save-model",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir, logged = scalars(tmp_path)
     for tag in ("charts/SPS", "losses/actor_loss", "losses/q_loss", "losses/value_loss", "charts/guidance_norm"):
@@ -129,8 +149,21 @@ def test_flowq_end_to_end_on_a_minari_dataset(tmp_path, monkeypatch):
 def test_flowq_ogbench_success_with_learned_schedule(tmp_path):
     dataset_dir = str(tmp_path / "ogbench")
     write_ogbench_dataset(dataset_dir, "pointmaze-medium-navigate-singletask-v0", num_episodes=3, episode_length=40)
-    result = run_flowq(tmp_path, "--dataset", "pointmaze-medium-navigate-singletask-v0", "--dataset-dir", dataset_dir,
-                       "--schedule", "learned", "--total-steps", "100", "--eval-every", "100", "--eval-episodes", "1")
+    result = run_flowq(
+        tmp_path,
+        "--dataset",
+        "pointmaze-medium-navigate-singletask-v0",
+        "--dataset-dir",
+        dataset_dir,
+        "--schedule",
+        "learned",
+        "--total-steps",
+        "100",
+        "--eval-every",
+        "100",
+        "--eval-episodes",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     _, logged = scalars(tmp_path)
     assert [s for s, _ in logged["eval/success"]] == [100] and 0.0 <= logged["eval/success"][0][1] <= 1.0

@@ -14,8 +14,22 @@ from common.envs import KITCHEN_TASK_SETS, make_env
 from fmer import TwinQ, VelocityField, best_of_candidates, candidate_weights, sample_candidates, td_target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--learning-starts", "64",
-        "--log-every", "20", "--num-candidates", "4", "--flow-steps", "3"]
+TINY = [
+    "--hidden-dim",
+    "16",
+    "--num-layers",
+    "2",
+    "--batch-size",
+    "32",
+    "--learning-starts",
+    "64",
+    "--log-every",
+    "20",
+    "--num-candidates",
+    "4",
+    "--flow-steps",
+    "3",
+]
 
 
 def test_softmax_weights_sum_to_one_and_ignore_the_baseline():
@@ -92,8 +106,14 @@ def test_candidates_and_best_of_n():
 
 
 def run_script(tmp_path, *flags, script="fmer.py"):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def scalars(tmp_path):
@@ -104,21 +124,51 @@ def scalars(tmp_path):
 
 
 def test_smoke_pendulum_updates_evaluates_and_saves(tmp_path):
-    result = run_script(tmp_path, "--env-id", "Pendulum-v1", "--total-timesteps", "220", "--eval-every", "110",
-                        "--eval-episodes", "1", "--save-model", *TINY)
+    result = run_script(
+        tmp_path,
+        "--env-id",
+        "Pendulum-v1",
+        "--total-timesteps",
+        "220",
+        "--eval-every",
+        "110",
+        "--eval-episodes",
+        "1",
+        "--save-model",
+        *TINY,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir, logged = scalars(tmp_path)
-    for tag in ["losses/qf_loss", "losses/qf_values", "losses/actor_loss", "losses/wcfm_loss", "losses/entropy_loss",
-                "losses/alpha", "losses/alpha_loss", "charts/entropy", "charts/weight_ess_fraction", "charts/SPS",
-                "charts/episodic_return", "charts/actor_lr"]:
+    for tag in [
+        "losses/qf_loss",
+        "losses/qf_values",
+        "losses/actor_loss",
+        "losses/wcfm_loss",
+        "losses/entropy_loss",
+        "losses/alpha",
+        "losses/alpha_loss",
+        "charts/entropy",
+        "charts/weight_ess_fraction",
+        "charts/SPS",
+        "charts/episodic_return",
+        "charts/actor_lr",
+    ]:
         assert tag in logged, tag
     assert len(logged["losses/qf_loss"]) == 220 // 20 - 64 // 20  # updates ran at every step after the warm-up
     assert len(logged["eval/episodic_return"]) == 2
     assert logged["charts/actor_lr"][-1] < 3e-4  # annealing
     assert logged["losses/alpha"][-1] < 1.0  # the entropy is above the target -dim(A) at the start: alpha shrinks
     checkpoint = torch.load(os.path.join(run_dir, "fmer.pt"), weights_only=False)
-    assert {"actor", "critic", "critic_target", "log_alpha", "actor_optimizer", "critic_optimizer",
-            "alpha_optimizer", "global_step"} <= set(checkpoint)
+    assert {
+        "actor",
+        "critic",
+        "critic_target",
+        "log_alpha",
+        "actor_optimizer",
+        "critic_optimizer",
+        "alpha_optimizer",
+        "global_step",
+    } <= set(checkpoint)
     assert checkpoint["global_step"] == 220
     actor = VelocityField(3, 1, hidden_dim=16, num_layers=2)
     actor.load_state_dict(checkpoint["actor"])
@@ -126,9 +176,24 @@ def test_smoke_pendulum_updates_evaluates_and_saves(tmp_path):
 
 def test_smoke_ablation_flags(tmp_path):
     """Top-1 weighting, the exact divergence, and the entropy cut-off (Fig. 6 ablations) run end to end."""
-    result = run_script(tmp_path, "--env-id", "InvertedPendulum-v5", "--total-timesteps", "200", "--eval-every", "200",
-                        "--eval-episodes", "1", "--weighting", "top1", "--divergence", "exact",
-                        "--entropy-off-step", "120", *TINY)
+    result = run_script(
+        tmp_path,
+        "--env-id",
+        "InvertedPendulum-v5",
+        "--total-timesteps",
+        "200",
+        "--eval-every",
+        "200",
+        "--eval-episodes",
+        "1",
+        "--weighting",
+        "top1",
+        "--divergence",
+        "exact",
+        "--entropy-off-step",
+        "120",
+        *TINY,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     _, logged = scalars(tmp_path)
     assert len(logged["losses/wcfm_loss"]) == 200 // 20 - 64 // 20
@@ -151,21 +216,46 @@ def test_kitchen_task_sets_build_and_step(num_tasks):
 
 
 def test_smoke_kitchen(tmp_path):
-    result = run_script(tmp_path, "--env-id", "FrankaKitchen-v1", "--kitchen-tasks", "2", "--total-timesteps", "300",
-                        "--eval-every", "300", "--eval-episodes", "1", *TINY)
+    result = run_script(
+        tmp_path,
+        "--env-id",
+        "FrankaKitchen-v1",
+        "--kitchen-tasks",
+        "2",
+        "--total-timesteps",
+        "300",
+        "--eval-every",
+        "300",
+        "--eval-episodes",
+        "1",
+        *TINY,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     _, logged = scalars(tmp_path)
-    assert {"eval/episodic_return", "eval/tasks_completed", "eval/success", "charts/tasks_completed",
-            "losses/wcfm_loss"} <= set(logged)
+    assert {
+        "eval/episodic_return",
+        "eval/tasks_completed",
+        "eval/success",
+        "charts/tasks_completed",
+        "losses/wcfm_loss",
+    } <= set(logged)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--env-id", "NoSuchEnv-v0"], "error: cannot make environment 'NoSuchEnv-v0'"),
-    (["--env-id", "Pendulum-v1", "--kitchen-tasks", "4"], "error: --kitchen-tasks applies to FrankaKitchen-v1 only"),
-    (["--env-id", "Pendulum-v1", "--learning-starts", "10", "--batch-size", "32"], "error: --learning-starts (10) must be at least --batch-size"),
-    (["--env-id", "Pendulum-v1", "--total-timesteps", "100", "--reward-scale", "inf", *TINY],
-     "error: losses/qf_loss became"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--env-id", "NoSuchEnv-v0"], "error: cannot make environment 'NoSuchEnv-v0'"),
+        (["--env-id", "Pendulum-v1", "--kitchen-tasks", "4"], "error: --kitchen-tasks applies to FrankaKitchen-v1 only"),
+        (
+            ["--env-id", "Pendulum-v1", "--learning-starts", "10", "--batch-size", "32"],
+            "error: --learning-starts (10) must be at least --batch-size",
+        ),
+        (
+            ["--env-id", "Pendulum-v1", "--total-timesteps", "100", "--reward-scale", "inf", *TINY],
+            "error: losses/qf_loss became",
+        ),
+    ],
+)
 def test_bad_input_ends_with_one_line(tmp_path, flags, message):
     result = run_script(tmp_path, *flags)
     assert result.returncode != 0
@@ -176,18 +266,39 @@ def test_bad_input_ends_with_one_line(tmp_path, flags, message):
 
 def mujoco_can_render(gl_backend: str) -> bool:
     probe = "import gymnasium as gym; e = gym.make('InvertedPendulum-v5', render_mode='rgb_array'); e.reset(); e.render()"
-    return subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl_backend),
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            [sys.executable, "-c", probe], env=dict(os.environ, MUJOCO_GL=gl_backend), capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_capture_video_writes_evaluation_episodes(tmp_path):
     gl_backend = os.environ.get("MUJOCO_GL", "osmesa")
     if not mujoco_can_render(gl_backend):
         pytest.skip(f"MuJoCo cannot render with MUJOCO_GL={gl_backend} here (e.g. apt-get install libosmesa6)")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "fmer.py"), "--env-id", "InvertedPendulum-v5",
-                             "--total-timesteps", "100", "--eval-every", "100", "--eval-episodes", "1",
-                             "--capture-video", *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=gl_backend))
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "fmer.py"),
+            "--env-id",
+            "InvertedPendulum-v5",
+            "--total-timesteps",
+            "100",
+            "--eval-every",
+            "100",
+            "--eval-episodes",
+            "1",
+            "--capture-video",
+            *TINY,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=gl_backend),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     videos = glob.glob(str(tmp_path / "videos" / "*" / "*.mp4"))
     assert videos and os.path.getsize(videos[0]) > 0
