@@ -60,6 +60,8 @@ class OfflineData:
     """seed -> seeded evaluation env taking actions in [-1, 1], wrapped in RecordEpisodeStatistics"""
     normalize_score: Callable[[float], float] | None = None
     """D4RL normalized score 100 (R - random) / (expert - random), when the dataset carries reference scores"""
+    validation: "OfflineData | None" = None
+    """a held-out split with the same fields (OGBench's `-val` file), for validation losses; None when there is none"""
 
     def __len__(self) -> int:
         return self.observations.shape[0]
