@@ -97,13 +97,15 @@ def load_dataset(
     env_id: str | None = None,
     download: bool = False,
     device: str | torch.device = "cpu",
+    d4rl_name: str | None = None,
 ) -> OfflineData:
     """Load an offline dataset as flat transitions on `device`.
 
     source: "minari" | "ogbench" | "file" | "auto" (a path that exists or ends in .npz/.hdf5/.h5 -> file;
     an OGBench single-task name -> ogbench; else minari). `dataset_dir` overrides where Minari
     (MINARI_DATASETS_PATH) and OGBench (~/.ogbench/data) look; `env_id` is the evaluation env of a file
-    dataset; `download` allows fetching a missing Minari or OGBench dataset.
+    dataset; `download` allows fetching a missing Minari or OGBench dataset; `d4rl_name` names the D4RL dataset
+    whose reference scores normalize a file dataset's returns (default: the file's base name, when it is one).
     """
     if source == "auto":
         if os.path.exists(name) or name.endswith(FILE_SUFFIXES):
