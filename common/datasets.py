@@ -16,10 +16,15 @@ Dict observations (e.g. Minari's AntMaze) are flattened in the observation space
 same order gymnasium's `FlattenObservation` uses on the evaluation env.
 A dataset that is not on disk and may not be downloaded ends the program with one line saying which
 dataset, where it was looked for and the command that downloads it.
+Every dataset is checked once at load, whatever its source: required arrays present, numeric, equal
+lengths, at least one transition, finite (the key and first bad row are named), 0/1 flags, observation
+and action dimensions equal to the evaluation env's, actions inside its bounds up to ACTION_TOLERANCE
+(clipped, with a note) or refused beyond it; a file that cannot be opened or parsed is named with the
+reason. Each finding is one `error:` line (SystemExit), never a traceback or a silent NaN run.
 """
 
 import os
-import urllib.error
+import zipfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +34,8 @@ import torch
 
 ACTION_CLIP = 1.0 - 1e-5
 """Dataset actions are clipped to +-ACTION_CLIP (FQL's convention, keeps atanh-style maps finite)."""
+ACTION_TOLERANCE = 0.1
+"""[ours] Actions outside the env's bounds by at most this fraction of the half-range are clipped; further out is an error."""
 
 TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "masks", "dones")
 FILE_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -99,7 +106,7 @@ def load_dataset(
     device: str | torch.device = "cpu",
     d4rl_name: str | None = None,
 ) -> OfflineData:
-    """Load an offline dataset as flat transitions on `device`.
+    """Load an offline dataset as flat transitions on `device`, validated once (see `_validate`).
 
     source: "minari" | "ogbench" | "file" | "auto" (a path that exists or ends in .npz/.hdf5/.h5 -> file;
     an OGBench single-task name -> ogbench; else minari). `dataset_dir` overrides where Minari
@@ -117,16 +124,31 @@ def load_dataset(
     if env_id is not None and source != "file":
         raise SystemExit(f"error: --env-id is only for dataset files; the {source} dataset '{name}' brings its own env")
     if source == "minari":
-        arrays, make_env, metric, normalize_score = _load_minari(name, dataset_dir, download)
+        label, splits, raw_env, metric, normalize_score = _load_minari(name, dataset_dir, download)
     elif source == "ogbench":
-        arrays, make_env, metric, normalize_score = _load_ogbench(name, dataset_dir, download)
+        label, splits, raw_env, metric, normalize_score = _load_ogbench(name, dataset_dir, download)
     elif source == "file":
-        arrays, make_env, metric, normalize_score = _load_file(name, env_id)
+        label, splits, raw_env, metric, normalize_score = _load_file(name, env_id)
     else:
         raise SystemExit(f"error: unknown dataset source '{source}' (choose minari, ogbench, file or auto)")
-    arrays["actions"] = np.clip(arrays["actions"], -ACTION_CLIP, ACTION_CLIP)
-    tensors = {k: torch.as_tensor(np.ascontiguousarray(arrays[k], dtype=np.float32)).to(device) for k in TRANSITION_KEYS}
-    return OfflineData(**tensors, name=name, metric=metric, make_env=make_env, normalize_score=normalize_score)
+
+    probe = raw_env()
+    observation_space, action_space = probe.observation_space, probe.action_space
+    env_label = probe.spec.id if probe.spec is not None else "the evaluation env"
+    probe.close()
+
+    def make_env(seed: int) -> gym.Env:
+        return _eval_env(raw_env(), seed)
+
+    def to_data(arrays: dict[str, np.ndarray], split_label: str) -> OfflineData:
+        arrays = _validate(arrays, split_label, observation_space, action_space, env_label)
+        tensors = {k: torch.as_tensor(np.ascontiguousarray(arrays[k], dtype=np.float32)).to(device) for k in TRANSITION_KEYS}
+        return OfflineData(**tensors, name=name, metric=metric, make_env=make_env, normalize_score=normalize_score)
+
+    data = to_data(splits["train"], label)
+    if splits.get("validation") is not None:
+        data.validation = to_data(splits["validation"], f"{label} (validation split)")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,6 +213,101 @@ def _episode_arrays(episodes: list[dict]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _one_line(e: Exception) -> str:
+    """An exception as `Type: message` on one line (library messages may span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], required: tuple[str, ...], label: str, row: str = "row") -> None:
+    """Every required array present, numeric, at least 1-d with equal lengths and >= 1 row, and finite.
+
+    Checks every array in `arrays` (not only the required ones); a finding ends the program with one line
+    naming `label`, the key and, for a non-finite value, the first bad `row`.
+    """
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        present = ", ".join(sorted(arrays)) or "nothing"
+        raise SystemExit(f"error: {label} lacks {', '.join(missing)} (it has {present}; required: {', '.join(required)})")
+    for k, a in arrays.items():
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise SystemExit(f"error: {label}: '{k}' has non-numeric dtype {a.dtype}")
+        if a.ndim == 0:
+            raise SystemExit(f"error: {label}: '{k}' is a scalar, not an array with one entry per {row}")
+    lengths = {k: len(a) for k, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise SystemExit(
+            f"error: {label}: arrays have different lengths ({', '.join(f'{k} {n}' for k, n in lengths.items())})"
+        )
+    if not next(iter(lengths.values()), 0):
+        raise SystemExit(f"error: {label} has no {row}s (its arrays are empty)")
+    for k, a in arrays.items():
+        if np.issubdtype(a.dtype, np.floating):
+            bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+            if bad.any():
+                i = int(np.argmax(bad))
+                value = a.reshape(len(a), -1)[i][~np.isfinite(a.reshape(len(a), -1)[i])][0]
+                raise SystemExit(
+                    f"error: {label}: '{k}' has a non-finite value ({value}) at {row} {i} ({int(bad.sum())} {row}(s) in all)"
+                )
+
+
+def _check_binary(arrays: dict[str, np.ndarray], keys: tuple[str, ...], label: str) -> None:
+    """Flags (terminals, timeouts) must be 0/1; anything else is a layout error, not a flag to round."""
+    for k in keys:
+        bad = (arrays[k] != 0) & (arrays[k] != 1)
+        if bad.any():
+            i = int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))
+            raise SystemExit(
+                f"error: {label}: '{k}' must hold 0/1 flags but has {arrays[k].reshape(len(bad), -1)[i][0]} at row {i}"
+            )
+
+
+def _validate(
+    arrays: dict[str, np.ndarray], label: str, observation_space: gym.Space, action_space: gym.Space, env_label: str
+) -> dict[str, np.ndarray]:
+    """Check the transitions against each other and the evaluation env, then map actions to [-1, 1] and clip.
+
+    Arrays: all of TRANSITION_KEYS, equal lengths, >= 1 transition, finite. Dimensions: observations and
+    next_observations match the env's flattened observation space, actions its action space. Actions
+    (in the env's units) are mapped to [-1, 1]; values outside by at most ACTION_TOLERANCE are clipped
+    (FQL's loaders clip every action; a note counts them), values further out end
+    the program: such data is not in this env's action units (wrong --env-id or unscaled actions) [ours].
+    """
+    _check_arrays(arrays, TRANSITION_KEYS, label, row="transition")
+    n = len(arrays["rewards"])
+    obs_dim = gym.spaces.flatdim(observation_space)
+    for k in ("observations", "next_observations"):
+        dim = int(np.prod(arrays[k].shape[1:]))
+        if dim != obs_dim:
+            raise SystemExit(f"error: {label} has {dim}-d {k} but {env_label} has {obs_dim}-d observations")
+    if not isinstance(action_space, gym.spaces.Box):
+        raise SystemExit(f"error: unsupported action space {action_space}; continuous (Box) actions are required")
+    actions = arrays["actions"].reshape(n, -1).astype(np.float64)
+    if actions.shape[1] != int(np.prod(action_space.shape)):
+        raise SystemExit(
+            f"error: {label} has {actions.shape[1]}-d actions but {env_label} has {int(np.prod(action_space.shape))}-d ones"
+        )
+    normalize_action = _action_normalizer(action_space)
+    if normalize_action is not None:
+        actions = normalize_action(actions)
+    excess = np.abs(actions).max(axis=1) - 1.0
+    outside = int((excess > 0).sum())
+    if outside:
+        bounds = f"[{action_space.low.min():g}, {action_space.high.max():g}]"
+        if excess.max() > ACTION_TOLERANCE:
+            raise SystemExit(
+                f"error: {label}: {outside} of {n} transitions have actions outside {env_label}'s action bounds {bounds}, by up to "
+                f"{excess.max():.3g} of the half-range (first at transition {int(np.argmax(excess > 0))}; clipping tolerance "
+                f"{ACTION_TOLERANCE}): the actions are not in this env's units"
+            )
+        print(
+            f"note: {label}: {outside} of {n} transitions have actions outside {env_label}'s action bounds {bounds} by at most "
+            f"{excess.max():.3g} of the half-range (tolerance {ACTION_TOLERANCE}); clipped"
+        )
+    arrays = dict(arrays, actions=np.clip(actions, -ACTION_CLIP, ACTION_CLIP))
+    return arrays
+
+
 # ---------------------------------------------------------------------------------------------------
 # Minari
 
@@ -203,10 +320,10 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
         os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(os.path.expanduser(dataset_dir))  # Minari's own search location
     root = get_dataset_path()
     try:
-        present = os.path.exists(os.path.join(get_dataset_path(name), "data"))
+        data_path = os.path.join(get_dataset_path(name), "data")
     except ValueError as e:
         raise SystemExit(f"error: '{name}' is not a Minari dataset id ({e})") from None
-    if not present:
+    if not os.path.exists(data_path):
         command = f"MINARI_DATASETS_PATH={root} minari download {name}"
         if not download:
             raise SystemExit(
@@ -216,45 +333,53 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
             minari.download_dataset(name)
         except Exception as e:  # network, unknown id or incompatible version: one line, not a traceback
             raise SystemExit(
-                f"error: cannot download Minari dataset '{name}' into {root} ({type(e).__name__}: {e}); try `{command}`"
+                f"error: cannot download Minari dataset '{name}' into {root} ({_one_line(e)}); try `{command}`"
             ) from None
-    dataset = minari.load_dataset(name)
-
-    normalize_action = _action_normalizer(dataset.action_space)
-    episodes = []
-    for ep in dataset.iterate_episodes():
-        obs = _flatten_batch(dataset.observation_space, ep.observations)  # (T + 1, obs_dim): includes the final observation
-        actions = np.asarray(ep.actions, np.float64).reshape(len(ep.rewards), -1)
-        terminals = np.asarray(ep.terminations, np.float32)
-        episodes.append(
-            dict(
-                observations=obs[:-1],
-                next_observations=obs[1:],
-                actions=normalize_action(actions) if normalize_action else actions,
-                rewards=np.asarray(ep.rewards, np.float32),
-                terminals=terminals,
-                masks=1.0 - terminals,
+    label = f"Minari dataset '{name}'"
+    try:
+        dataset = minari.load_dataset(name)
+        episodes = []
+        for ep in dataset.iterate_episodes():
+            obs = _flatten_batch(
+                dataset.observation_space, ep.observations
+            )  # (T + 1, obs_dim): includes the final observation
+            terminals = np.asarray(ep.terminations, np.float32)
+            episodes.append(
+                dict(
+                    observations=obs[:-1],
+                    next_observations=obs[1:],
+                    actions=np.asarray(ep.actions, np.float64).reshape(len(ep.rewards), -1),  # env units; mapped in _validate
+                    rewards=np.asarray(ep.rewards, np.float32),
+                    terminals=terminals,
+                    masks=1.0 - terminals,
+                )
             )
-        )
+        metadata = dataset.storage.metadata
+    except Exception as e:  # a damaged or foreign file under the dataset's folder: one line naming it
+        raise SystemExit(f"error: {label} in {data_path} cannot be read ({_one_line(e)})") from None
     if not episodes:
-        raise SystemExit(f"error: Minari dataset '{name}' has no episodes")
+        raise SystemExit(f"error: {label} has no episodes")
+    for i, ep in enumerate(episodes):
+        _check_arrays(ep, tuple(ep), f"{label}, episode {i}", row="step")
     arrays = _episode_arrays(episodes)
     if "antmaze" in name.lower():
         arrays["rewards"] = arrays["rewards"] - 1.0  # D4RL antmaze: r - 1 (IQL/FQL convention, fino.md Sec. 2.2)
 
-    metadata = dataset.storage.metadata
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
     if ref_min is not None and ref_max is not None:
         metric = "normalized_score"
         normalize_score = lambda ret: 100.0 * (ret - ref_min) / (ref_max - ref_min)  # D4RL's get_normalized_score x 100
     else:
         metric, normalize_score = "return", None
-    make_env = lambda seed: _eval_env(dataset.recover_environment(eval_env=True), seed)
-    return arrays, make_env, metric, normalize_score
+    raw_env = lambda: dataset.recover_environment(eval_env=True)
+    return label, {"train": arrays}, raw_env, metric, normalize_score
 
 
 # ---------------------------------------------------------------------------------------------------
 # OGBench
+
+OGBENCH_KEYS = ("observations", "actions", "terminals")
+"""The arrays every OGBench dataset file holds (plus qpos/qvel/button_states, which the relabelling reads)."""
 
 
 def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
@@ -270,18 +395,31 @@ def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
     file_name = "-".join(splits[:pos] + splits[-1:])  # the mapping ogbench.make_env_and_datasets uses
     dataset_dir = os.path.abspath(os.path.expanduser(dataset_dir or OGBENCH_DEFAULT_DIR))
     files = [os.path.join(dataset_dir, f"{file_name}{suffix}.npz") for suffix in ("", "-val")]
-    if not all(os.path.exists(f) for f in files) and not download:
+    if not all(os.path.exists(f) for f in files):
         command = f"python -c \"import ogbench; ogbench.download_datasets(['{file_name}'], '{dataset_dir}')\""
-        raise SystemExit(
-            f"error: OGBench dataset '{file_name}' (for {name}) not found in {dataset_dir}; "
-            f"download it with `{command}` or rerun with --dataset-download"
-        )
+        if not download:
+            raise SystemExit(
+                f"error: OGBench dataset '{file_name}' (for {name}) not found in {dataset_dir}; "
+                f"download it with `{command}` or rerun with --dataset-download"
+            )
+        try:
+            ogbench.download_datasets([file_name], dataset_dir)
+        except Exception as e:  # network or unknown name: one line, not a traceback
+            raise SystemExit(
+                f"error: cannot download OGBench dataset '{file_name}' into {dataset_dir} ({_one_line(e)})"
+            ) from None
+    for f in files:  # the raw files, checked with their own row numbers before OGBench reads them
+        raw = _read_file(f, "OGBench dataset file")
+        _check_arrays(raw, OGBENCH_KEYS, f"OGBench dataset file {f}")
+        _check_binary(raw, ("terminals",), f"OGBench dataset file {f}")
     try:
         env, train, _ = ogbench.make_env_and_datasets(name, dataset_dir=dataset_dir, compact_dataset=False)
     except gym.error.Error as e:
         raise SystemExit(f"error: cannot make the OGBench environment for '{name}': {e}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise SystemExit(f"error: cannot download OGBench dataset '{file_name}' into {dataset_dir} ({e})") from None
+    except KeyError as e:  # the relabelling reads qpos / button_states
+        raise SystemExit(
+            f"error: OGBench dataset '{file_name}' in {dataset_dir} lacks {e}, which OGBench needs to relabel {name}"
+        ) from None
     env.close()
     # OGBench's `terminals` mark trajectory ends (dones); its relabelled `masks` = 1 - success are the
     # bootstrap masks, and success ends an online episode, so terminals = 1 - masks (fino.md Sec. 2.2).
@@ -294,47 +432,52 @@ def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
         masks=train["masks"],
         dones=train["terminals"],
     )
-    make_env = lambda seed: _eval_env(ogbench.make_env_and_datasets(name, env_only=True), seed)
-    return arrays, make_env, "success", None
+    raw_env = lambda: ogbench.make_env_and_datasets(name, env_only=True)
+    return f"OGBench dataset '{name}'", {"train": arrays}, raw_env, "success", None
 
 
 # ---------------------------------------------------------------------------------------------------
 # local file in D4RL's flat layout
 
 
+def _read_file(path: str, what: str = "dataset file") -> dict[str, np.ndarray]:
+    """Every top-level array of an .npz or HDF5 file; a file that cannot be opened or parsed is one error line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {what} {path} " + ("is a directory, not a file" if os.path.isdir(path) else "not found"))
+    if path.endswith(".npz"):
+        if not zipfile.is_zipfile(path):
+            raise SystemExit(f"error: {what} {path} is not an .npz archive (no zip structure; truncated, or another format)")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except Exception as e:  # damaged member, pickled objects, ...: one line naming the file
+            raise SystemExit(f"error: {what} {path} cannot be read as an .npz archive ({_one_line(e)})") from None
+    if path.endswith((".hdf5", ".h5")):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                raw = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+        except Exception as e:  # not HDF5, truncated, damaged chunk: one line naming the file
+            raise SystemExit(f"error: {what} {path} cannot be read as an HDF5 file ({_one_line(e)})") from None
+        if not raw:
+            raise SystemExit(f"error: {what} {path} is an HDF5 file without top-level arrays (empty, or not D4RL's layout)")
+        return {k: np.asarray(v) for k, v in raw.items()}
+    raise SystemExit(f"error: {what} {path} must end in {', '.join(FILE_SUFFIXES)}")
+
+
 def _load_file(path: str, env_id: str | None):
     if env_id is None:
         raise SystemExit(f"error: the dataset file {path} needs --env-id (the Gymnasium id to evaluate in)")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: dataset file {path} not found")
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            raw = {k: f[k] for k in f.files}
-    elif path.endswith((".hdf5", ".h5")):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            raw = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    else:
-        raise SystemExit(f"error: dataset file {path} must end in {', '.join(FILE_SUFFIXES)}")
-    missing = [k for k in FILE_KEYS if k not in raw]
-    if missing:
-        raise SystemExit(
-            f"error: dataset file {path} lacks {', '.join(missing)} (D4RL layout: {', '.join(FILE_KEYS)}, optionally next_observations)"
-        )
-
-    def make_env(seed: int) -> gym.Env:
-        return _eval_env(_make_gym_env(env_id), seed)
-
-    probe = make_env(0)
-    action_space, obs_dim = probe.action_space, int(np.prod(probe.observation_space.shape))
-    probe.close()
-    observations = raw["observations"].reshape(len(raw["observations"]), -1).astype(np.float64)
-    if observations.shape[1] != obs_dim:
-        raise SystemExit(
-            f"error: dataset file {path} has {observations.shape[1]}-d observations but {env_id} has {obs_dim}-d ones"
-        )
-    n = len(observations)
+    label = f"dataset file {path}"
+    raw = _read_file(path)
+    keys = FILE_KEYS + (("next_observations",) if "next_observations" in raw else ())
+    raw = {k: raw[k] for k in keys if k in raw}  # other arrays (D4RL's infos/*, qpos, ...) are not used
+    _check_arrays(raw, FILE_KEYS, label)
+    _check_binary(raw, ("terminals", "timeouts"), label)
+    raw_env = lambda: _make_gym_env(env_id)
+    n = len(raw["observations"])
+    observations = raw["observations"].reshape(n, -1).astype(np.float64)
     terminals = raw["terminals"].reshape(n).astype(bool)
     timeouts = raw["timeouts"].reshape(n).astype(bool)
     ends = terminals | timeouts
@@ -347,10 +490,12 @@ def _load_file(path: str, env_id: str | None):
         # s' and is dropped; a terminal end keeps s' = s_i as a placeholder (its mask is 0).
         keep = terminals | ~ends
         next_observations = np.where(ends[:, None], observations, np.roll(observations, -1, axis=0))
+    if not keep.any():
+        raise SystemExit(
+            f"error: {label} has no transition: every row ends an episode by time limit and has no next_observations"
+        )
     episode_id = np.concatenate([[0], np.cumsum(ends[:-1])])[keep]
     dones = np.append(episode_id[1:] != episode_id[:-1], True).astype(np.float32)
-    actions = raw["actions"].reshape(n, -1).astype(np.float64)
-    normalize_action = _action_normalizer(action_space)
     rewards = raw["rewards"].reshape(n).astype(np.float32)
     if "antmaze" in env_id.lower():
         rewards = rewards - 1.0  # D4RL antmaze: r - 1 (IQL/FQL convention)
@@ -358,10 +503,10 @@ def _load_file(path: str, env_id: str | None):
     arrays = dict(
         observations=observations[keep],
         next_observations=next_observations[keep],
-        actions=(normalize_action(actions) if normalize_action else actions)[keep],
+        actions=raw["actions"].reshape(n, -1)[keep],
         rewards=rewards[keep],
         terminals=terminals[keep],
         masks=1.0 - terminals[keep],
         dones=dones,
     )
-    return arrays, make_env, "return", None
+    return label, {"train": arrays}, raw_env, "return", None
