@@ -11,7 +11,9 @@ evaluation metric. Conventions (fino.md Sec. 2.2, style-anchors.md Sec. 4.2):
 - D4RL antmaze (a Minari id or an env id containing "antmaze"): rewards r - 1 (IQL/FQL convention);
 - OGBench: rewards and masks exactly as `ogbench.make_env_and_datasets` relabels them for the
   `*-singletask-*` names (no shift); the metric is the success rate;
-- Minari datasets with reference scores report the D4RL normalized score 100 (R - min) / (max - min).
+- the D4RL normalized score 100 (R - min) / (max - min): a file named like a D4RL dataset (or given
+  `d4rl_name`) uses D4RL's own reference scores (D4RL_REF_SCORES, from d4rl/infos.py), a Minari dataset
+  the reference scores in its metadata; with none, one note says so and the raw return is reported.
 Dict observations (e.g. Minari's AntMaze) are flattened in the observation space's key order, the
 same order gymnasium's `FlattenObservation` uses on the evaluation env.
 A dataset that is not on disk and may not be downloaded ends the program with one line saying which
@@ -23,6 +25,7 @@ and action dimensions equal to the evaluation env's, actions inside its bounds u
 reason. Each finding is one `error:` line (SystemExit), never a traceback or a silent NaN run.
 """
 
+import difflib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -41,6 +44,46 @@ TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "t
 FILE_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 FILE_SUFFIXES = (".npz", ".hdf5", ".h5")
 OGBENCH_DEFAULT_DIR = "~/.ogbench/data"
+
+
+def _d4rl_reference_scores() -> dict[str, tuple[float, float]]:
+    """D4RL's REF_MIN_SCORE / REF_MAX_SCORE (d4rl/infos.py) for the datasets offline-RL papers report on."""
+    scores = {}
+    locomotion = {  # random and expert policy returns; shared by every dataset of a task and by v0, v1 and v2
+        "halfcheetah": (-280.178953, 12135.0),
+        "hopper": (-20.272305, 3234.3),
+        "walker2d": (1.629008, 4592.3),
+        "ant": (-325.6, 3879.7),
+    }
+    for task, ref in locomotion.items():
+        for kind in ("random", "medium", "expert", "medium-replay", "medium-expert"):
+            scores.update({f"{task}-{kind}-{v}": ref for v in ("v0", "v1", "v2")})
+        scores.update({f"{task}-full-replay-{v}": ref for v in ("v1", "v2")})
+    for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"):
+        scores.update({f"antmaze-{maze}-{v}": (0.0, 1.0) for v in ("v0", "v2")})  # sparse goal reward: return = success
+    adroit = {
+        "pen": (96.262799, 3076.8331017826877),
+        "hammer": (-274.856578, 12794.134825156867),
+        "door": (-56.512833, 2880.5693087298737),
+        "relocate": (-6.425911, 4233.877797728884),
+    }
+    for task, ref in adroit.items():
+        scores.update({f"{task}-{kind}-{v}": ref for kind in ("human", "cloned", "expert") for v in ("v0", "v1")})
+    scores.update({f"kitchen-{kind}-v0": (0.0, 4.0) for kind in ("complete", "partial", "mixed")})  # 4 subtasks
+    return scores
+
+
+D4RL_REF_SCORES = _d4rl_reference_scores()
+"""D4RL dataset name -> (REF_MIN_SCORE, REF_MAX_SCORE); normalized score = 100 (R - min) / (max - min)."""
+D4RL_ENV_WORDS = {
+    "halfcheetah": "halfcheetah",
+    "hopper": "hopper",
+    "walker2d": "walker2d",
+    "ant": "ant-",
+    "antmaze": "antmaze",
+}
+D4RL_ENV_WORDS |= {t: t for t in ("pen", "hammer", "door", "relocate", "kitchen")}
+"""D4RL task -> the word its Gymnasium env id must contain (lower case), e.g. hopper -> Hopper-v5, pen -> AdroitHandPen-v1."""
 
 
 @dataclass
@@ -62,11 +105,11 @@ class OfflineData:
     name: str
     """the dataset id, OGBench name or file path"""
     metric: str
-    """normalized_score (the dataset has reference scores), success (OGBench) or return"""
+    """normalized_score (reference scores apply: D4RL-named file, Minari metadata), success (OGBench) or return"""
     make_env: Callable[[int], gym.Env]
     """seed -> seeded evaluation env taking actions in [-1, 1], wrapped in RecordEpisodeStatistics"""
     normalize_score: Callable[[float], float] | None = None
-    """D4RL normalized score 100 (R - random) / (expert - random), when the dataset carries reference scores"""
+    """D4RL normalized score 100 (R - ref_min) / (ref_max - ref_min) of a mean return, when reference scores apply"""
     validation: "OfflineData | None" = None
     """a held-out split with the same fields (OGBench's `-val` file), for validation losses; None when there is none"""
 
@@ -123,12 +166,14 @@ def load_dataset(
             source = "minari"
     if env_id is not None and source != "file":
         raise SystemExit(f"error: --env-id is only for dataset files; the {source} dataset '{name}' brings its own env")
+    if d4rl_name is not None and source != "file":
+        raise SystemExit(f"error: a D4RL name is only for dataset files; the {source} dataset '{name}' brings its own scoring")
     if source == "minari":
         label, splits, raw_env, metric, normalize_score = _load_minari(name, dataset_dir, download)
     elif source == "ogbench":
         label, splits, raw_env, metric, normalize_score = _load_ogbench(name, dataset_dir, download)
     elif source == "file":
-        label, splits, raw_env, metric, normalize_score = _load_file(name, env_id)
+        label, splits, raw_env, metric, normalize_score = _load_file(name, env_id, d4rl_name)
     else:
         raise SystemExit(f"error: unknown dataset source '{source}' (choose minari, ogbench, file or auto)")
 
@@ -466,7 +511,30 @@ def _read_file(path: str, what: str = "dataset file") -> dict[str, np.ndarray]:
     raise SystemExit(f"error: {what} {path} must end in {', '.join(FILE_SUFFIXES)}")
 
 
-def _load_file(path: str, env_id: str | None):
+def _d4rl_reference(path: str, env_id: str, d4rl_name: str | None) -> tuple[str, float, float] | None:
+    """The D4RL dataset whose reference scores apply to a file: `d4rl_name`, else the file's base name if it is one."""
+    if d4rl_name is not None:
+        if d4rl_name not in D4RL_REF_SCORES:
+            close = difflib.get_close_matches(d4rl_name, D4RL_REF_SCORES, n=4, cutoff=0.6)
+            raise SystemExit(
+                f"error: '{d4rl_name}' is not a D4RL dataset with reference scores; closest: {', '.join(close) or 'none'}"
+            )
+        name = d4rl_name
+    else:
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name not in D4RL_REF_SCORES:
+            print(
+                f"note: dataset file {path}: no D4RL reference scores apply ('{name}' is not a D4RL dataset name; "
+                "name the D4RL dataset to normalize); evaluation reports the raw return"
+            )
+            return None
+    task = name.split("-")[0]
+    if D4RL_ENV_WORDS[task] not in env_id.lower():
+        raise SystemExit(f"error: dataset file {path} is scored as D4RL's {name}, a {task} dataset, but evaluated in {env_id}")
+    return name, *D4RL_REF_SCORES[name]
+
+
+def _load_file(path: str, env_id: str | None, d4rl_name: str | None):
     if env_id is None:
         raise SystemExit(f"error: the dataset file {path} needs --env-id (the Gymnasium id to evaluate in)")
     label = f"dataset file {path}"
@@ -509,4 +577,9 @@ def _load_file(path: str, env_id: str | None):
         masks=1.0 - terminals[keep],
         dones=dones,
     )
-    return label, {"train": arrays}, raw_env, "return", None
+    reference = _d4rl_reference(path, env_id, d4rl_name)
+    if reference is None:
+        return label, {"train": arrays}, raw_env, "return", None
+    _, ref_min, ref_max = reference
+    normalize_score = lambda ret: 100.0 * (ret - ref_min) / (ref_max - ref_min)  # D4RL's get_normalized_score x 100
+    return label, {"train": arrays}, raw_env, "normalized_score", normalize_score
