@@ -9,6 +9,9 @@ evaluation metric. Conventions (fino.md Sec. 2.2, style-anchors.md Sec. 4.2):
 - `terminals` = the env terminated (no bootstrap), `masks` = the bootstrap mask, `dones` = the last
   transition of an episode (termination or time limit); no transition crosses an episode end;
 - D4RL antmaze (a Minari id or an env id containing "antmaze"): rewards r - 1 (IQL/FQL convention);
+  Minari's `D4RL/antmaze/*` also get terminals = (r == 1) (masks 0 at the goal, as D4RL's files and
+  IQL's/FQL's loaders have it), evaluation in the data's maze with D4RL's fixed reset and goal cells,
+  ending at the goal (`_d4rl_antmaze_env`), and metric success with normalized score = 100 x success;
 - OGBench: rewards and masks exactly as `ogbench.make_env_and_datasets` relabels them for the
   `*-singletask-*` names (no shift); the metric is the success rate;
 - the D4RL normalized score 100 (R - min) / (max - min): a file named like a D4RL dataset (or given
@@ -407,9 +410,18 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
     for i, ep in enumerate(episodes):
         _check_arrays(ep, tuple(ep), f"{label}, episode {i}", row="step")
     arrays = _episode_arrays(episodes)
+    if name.startswith(D4RL_ANTMAZE_PREFIX):
+        # D4RL's AntMaze files mark the goal-reaching steps (reward 1) terminal, and IQL's and FQL's loaders
+        # use masks = 1 - terminals: no bootstrap from the goal. Minari's port collected the data in a
+        # continuing task (no termination), so the flag is rebuilt from the reward.
+        arrays["terminals"] = (arrays["rewards"] == 1.0).astype(np.float32)
+        arrays["masks"] = 1.0 - arrays["terminals"]
     if "antmaze" in name.lower():
         arrays["rewards"] = arrays["rewards"] - 1.0  # D4RL antmaze: r - 1 (IQL/FQL convention, fino.md Sec. 2.2)
 
+    if name.startswith(D4RL_ANTMAZE_PREFIX):
+        raw_env = _d4rl_antmaze_env(dataset, name)
+        return label, {"train": arrays}, raw_env, "success", lambda ret: 100.0 * ret  # D4RL refs (0, 1): 100 x success
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
     if ref_min is not None and ref_max is not None:
         metric = "normalized_score"
@@ -418,6 +430,47 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
         metric, normalize_score = "return", None
     raw_env = lambda: dataset.recover_environment(eval_env=True)
     return label, {"train": arrays}, raw_env, metric, normalize_score
+
+
+D4RL_ANTMAZE_PREFIX = "D4RL/antmaze/"
+D4RL_ANTMAZE_HORIZON = {"umaze": 700, "medium": 1000, "large": 1000}
+"""D4RL's AntMaze episode limits (its env registrations), by maze size."""
+
+
+def _same_walls(map_a: list, map_b: list) -> bool:
+    """Whether two gymnasium-robotics maze maps have the same walls (cells equal to 1; r, g, c and 0 are free)."""
+    walls_a, walls_b = (np.array([[cell == 1 for cell in row] for row in m]) for m in (map_a, map_b))
+    return walls_a.shape == walls_b.shape and bool((walls_a == walls_b).all())
+
+
+def _d4rl_antmaze_env(dataset, name: str) -> Callable[[], gym.Env]:
+    """D4RL's AntMaze evaluation task in the maze the data was collected in, ending at the goal.
+
+    Minari's evaluation spec holds D4RL's task (fixed reset cell r and goal cell g) but, for some mazes,
+    in a map rotated 180 degrees relative to the data's maze (Minari issue #304); that map, turned back
+    when needed so that its walls equal the data's, goes into the data's env spec with
+    continuing_task=False (the episode terminates within 0.45 of the goal, as D4RL's does) and D4RL's
+    episode limit. Return = success for this sparse reward, so the normalized score is 100 x success.
+    """
+    data_spec = dataset.env_spec
+    eval_env = dataset.recover_environment(eval_env=True)
+    eval_map = eval_env.spec.kwargs.get("maze_map")
+    eval_env.close()
+    data_map = data_spec.kwargs.get("maze_map")
+    if eval_map is None or data_map is None:
+        raise SystemExit(f"error: Minari dataset '{name}' does not record the maze maps of its data and evaluation envs")
+    turned = [list(reversed(row)) for row in reversed(eval_map)]
+    if _same_walls(eval_map, data_map):
+        task_map = eval_map
+    elif _same_walls(turned, data_map):
+        task_map = turned
+    else:
+        raise SystemExit(
+            f"error: Minari dataset '{name}': its evaluation maze matches the data's maze neither as is nor turned 180 degrees"
+        )
+    size = name[len(D4RL_ANTMAZE_PREFIX) :].split("-")[0]
+    horizon = D4RL_ANTMAZE_HORIZON.get(size, data_spec.max_episode_steps)
+    return lambda: gym.make(data_spec, maze_map=task_map, continuing_task=False, reset_target=False, max_episode_steps=horizon)
 
 
 # ---------------------------------------------------------------------------------------------------

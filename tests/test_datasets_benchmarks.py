@@ -1,10 +1,16 @@
-"""Scores comparable with the papers' tables: D4RL reference scores for D4RL-named files (more in later tests)."""
+"""Scores comparable with the papers' tables: D4RL reference scores for D4RL-named files, Minari's D4RL AntMaze."""
 
+import copy
+import os
+from types import SimpleNamespace
+
+import gymnasium as gym
+import gymnasium_robotics
 import h5py
 import numpy as np
 import pytest
 
-from common.datasets import D4RL_REF_SCORES, load_dataset
+from common.datasets import D4RL_REF_SCORES, _d4rl_antmaze_env, load_dataset
 from tests.fixtures import write_d4rl_file
 
 
@@ -62,3 +68,137 @@ def test_explicit_d4rl_name_scores_any_file(tmp_path, hopper_file, capsys):
         load_dataset(path, env_id="Hopper-v5", d4rl_name="walker2d-medium-v2")
     with pytest.raises(SystemExit, match="only for dataset files"):
         load_dataset("mujoco/hopper/medium-v0", d4rl_name="hopper-medium-v2", dataset_dir=str(tmp_path))
+
+
+# Minari's D4RL AntMaze umaze: the data's maze (its generation script's map, reset r below the goal g) and the
+# evaluation spec's map (its EVAL_ENV_MAPS["umaze"]), which is the data's turned 180 degrees (Minari issue #304).
+DATA_UMAZE = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+EVAL_UMAZE = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]
+# D4RL's medium maze as the eval spec stores it: the same walls as gymnasium-robotics' MEDIUM_MAZE (no turn needed)
+EVAL_MEDIUM = [
+    [1, 1, 1, 1, 1, 1, 1, 1],
+    [1, "r", 0, 1, 1, 0, 0, 1],
+    [1, 0, 0, 1, 0, 0, 0, 1],
+    [1, 1, 0, 0, 0, 1, 1, 1],
+    [1, 0, 0, 1, 0, 0, 0, 1],
+    [1, 0, 1, 0, 0, 1, 0, 1],
+    [1, 0, 0, 0, 1, 0, "g", 1],
+    [1, 1, 1, 1, 1, 1, 1, 1],
+]
+
+
+def teleport_to_goal(env):
+    """Put the ant (at rest) on the current goal of an AntMaze env."""
+    maze_env = env.unwrapped
+    qpos = maze_env.data.qpos.copy()
+    qpos[:2] = maze_env.goal
+    maze_env.ant_env.set_state(qpos, np.zeros_like(maze_env.data.qvel))
+
+
+@pytest.fixture(scope="module")
+def d4rl_antmaze(tmp_path_factory):
+    """A 2-episode D4RL/antmaze/umaze-v1 recorded in the real AntMaze env set up as Minari's generation script does
+    (continuing task, goal kept) and written by Minari's create_dataset_from_buffers (its DataCollector needs jax);
+    the ant is put on the goal at step 10 of each episode and rests there."""
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    root = str(tmp_path_factory.mktemp("minari"))
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = root
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make("AntMaze_UMaze-v4", maze_map=DATA_UMAZE, continuing_task=True, reset_target=False, max_episode_steps=25)
+    env.action_space.seed(0)
+    buffers = []
+    for episode in range(2):
+        obs, _ = env.reset(seed=episode)
+        steps = dict(observations=[obs], actions=[], rewards=[], terminations=[], truncations=[])
+        for step in range(25):
+            if step == 10:
+                teleport_to_goal(env)
+            action = np.zeros(8, np.float32) if step >= 10 else env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(steps, (obs, action, reward, terminated, truncated)):
+                steps[key].append(value)
+            if terminated or truncated:
+                break
+        observations = {k: np.stack([o[k] for o in steps["observations"]]) for k in obs}
+        buffers.append(
+            EpisodeBuffer(observations=observations, **{k: np.asarray(v) for k, v in steps.items() if k != "observations"})
+        )
+    eval_spec = copy.deepcopy(env.spec)
+    eval_spec.kwargs["maze_map"] = EVAL_UMAZE
+    minari.create_dataset_from_buffers(
+        "D4RL/antmaze/umaze-v1",
+        buffers,
+        env=env,
+        eval_env=eval_spec,
+        algorithm_name="random, put on the goal",
+        author="tests",
+        author_email="tests@example.com",
+        code_permalink="tests/test_datasets_benchmarks.py",
+        description="tiny test fixture",
+    )
+    env.close()
+    rewards = np.concatenate([ep.rewards for ep in minari.load_dataset("D4RL/antmaze/umaze-v1").iterate_episodes()])
+    yield root, rewards
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH")
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def test_minari_d4rl_antmaze_goal_transitions_are_terminal(d4rl_antmaze):
+    root, rewards = d4rl_antmaze
+    assert 0 < (rewards == 1).sum() < len(rewards)  # some steps at the goal, some not
+    data = load_dataset("D4RL/antmaze/umaze-v1", dataset_dir=root)
+    np.testing.assert_array_equal(data.rewards.numpy(), rewards - 1.0)  # r - 1 (IQL/FQL)
+    np.testing.assert_array_equal(data.terminals.numpy(), (rewards == 1).astype(np.float32))
+    np.testing.assert_array_equal(data.masks.numpy(), (rewards != 1).astype(np.float32))
+    assert data.dones.sum() == 2  # episode boundaries are unchanged
+
+
+def test_minari_d4rl_antmaze_evaluates_in_the_data_maze_until_the_goal(d4rl_antmaze):
+    root, _ = d4rl_antmaze
+    data = load_dataset("D4RL/antmaze/umaze-v1", dataset_dir=root)
+    assert data.metric == "success"
+    env = data.make_env(0)
+    maze_env = env.unwrapped
+    assert maze_env.maze.maze_map == DATA_UMAZE  # the data's maze and goal cell, not the turned evaluation map
+    goal_xy = maze_env.maze.cell_rowcol_to_xy(np.array([1, 1]))
+    np.testing.assert_allclose(maze_env.maze.unique_goal_locations, [goal_xy])
+    assert np.abs(maze_env.goal - goal_xy).max() <= 0.25 * 4  # goal noise: +-0.25 of a 4-unit cell
+    assert env.spec.max_episode_steps == 700 and maze_env.continuing_task is False
+
+    _, reward, terminated, _, info = env.step(np.zeros(8, np.float32))
+    assert not terminated and reward == 0.0 and not info["success"]
+    teleport_to_goal(env)
+    _, reward, terminated, _, info = env.step(np.zeros(8, np.float32))
+    assert terminated and reward == 1.0 and info["success"]  # the episode ends at the goal, as in D4RL
+    episode_return = float(info["episode"]["r"])
+    assert episode_return == 1.0 and data.normalize_score(episode_return) == pytest.approx(100.0)
+    assert data.normalize_score(0.3) == pytest.approx(30.0)  # mean return over episodes = success rate
+    env.close()
+
+
+def test_d4rl_antmaze_maps_are_matched_by_walls():
+    """The evaluation map is used as is when its walls are the data's (medium, large), turned 180 degrees when that
+    makes them so (umaze), and refused otherwise."""
+    gym.register_envs(gymnasium_robotics)
+    medium_spec = gym.spec("AntMaze_Medium-v4")
+    umaze_spec = copy.deepcopy(gym.spec("AntMaze_UMaze-v4"))
+    umaze_spec.kwargs["maze_map"] = DATA_UMAZE
+
+    def fake_dataset(data_spec, eval_map):
+        eval_spec = copy.deepcopy(data_spec)
+        eval_spec.kwargs["maze_map"] = eval_map
+        return SimpleNamespace(env_spec=data_spec, recover_environment=lambda eval_env: gym.make(eval_spec))
+
+    env = _d4rl_antmaze_env(fake_dataset(medium_spec, EVAL_MEDIUM), "D4RL/antmaze/medium-play-v1")()
+    assert env.unwrapped.maze.maze_map == EVAL_MEDIUM and env.spec.max_episode_steps == 1000
+    env.close()
+    env = _d4rl_antmaze_env(fake_dataset(umaze_spec, EVAL_UMAZE), "D4RL/antmaze/umaze-v1")()
+    assert env.unwrapped.maze.maze_map == DATA_UMAZE
+    env.close()
+    with pytest.raises(SystemExit, match="neither as is nor turned 180 degrees"):
+        _d4rl_antmaze_env(fake_dataset(medium_spec, EVAL_UMAZE), "D4RL/antmaze/medium-play-v1")
