@@ -433,6 +433,8 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
 
 
 D4RL_ANTMAZE_PREFIX = "D4RL/antmaze/"
+D4RL_ANTMAZE_OBS_DIM = 29
+"""D4RL's AntMaze files store qpos (15: xy first) and qvel (14) of its own ant; Gymnasium's AntMaze has 27 + 2 + 2."""
 D4RL_ANTMAZE_HORIZON = {"umaze": 700, "medium": 1000, "large": 1000}
 """D4RL's AntMaze episode limits (its env registrations), by maze size."""
 
@@ -596,6 +598,15 @@ def _load_file(path: str, env_id: str | None, d4rl_name: str | None):
     raw = {k: raw[k] for k in keys if k in raw}  # other arrays (D4RL's infos/*, qpos, ...) are not used
     _check_arrays(raw, FILE_KEYS, label)
     _check_binary(raw, ("terminals", "timeouts"), label)
+    if (
+        "antmaze" in env_id.lower()
+        and raw["observations"].reshape(len(raw["observations"]), -1).shape[1] == D4RL_ANTMAZE_OBS_DIM
+    ):
+        raise SystemExit(
+            f"error: {label} holds D4RL AntMaze observations (the ant's {D4RL_ANTMAZE_OBS_DIM}-d qpos and qvel in D4RL's "
+            f"maze frame, no goal), which do not map onto {env_id}'s observation (its goal, its maze frame, "
+            "its ant model) [ours: refused, not converted]; use Minari's D4RL/antmaze/* datasets"
+        )
     raw_env = lambda: _make_gym_env(env_id)
     n = len(raw["observations"])
     observations = raw["observations"].reshape(n, -1).astype(np.float64)

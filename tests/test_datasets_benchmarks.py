@@ -202,3 +202,23 @@ def test_d4rl_antmaze_maps_are_matched_by_walls():
     env.close()
     with pytest.raises(SystemExit, match="neither as is nor turned 180 degrees"):
         _d4rl_antmaze_env(fake_dataset(medium_spec, EVAL_UMAZE), "D4RL/antmaze/medium-play-v1")
+
+
+def test_d4rl_antmaze_files_are_refused_with_the_reason(tmp_path):
+    """D4RL's own AntMaze hdf5 (29-d qpos+qvel, no goal) is not silently fed to Gymnasium's 31-d AntMaze."""
+    path = str(tmp_path / "antmaze-umaze-v2.hdf5")
+    n = 20
+    with h5py.File(path, "w") as f:
+        for key, value in dict(
+            observations=np.random.default_rng(0).normal(size=(n, 29)).astype(np.float32),
+            actions=np.zeros((n, 8), np.float32),
+            rewards=np.zeros(n, np.float32),
+            terminals=np.zeros(n, bool),
+            timeouts=np.arange(n) == n - 1,
+        ).items():
+            f.create_dataset(key, data=value)
+    with pytest.raises(SystemExit) as e:
+        load_dataset(path, env_id="AntMaze_UMaze-v5")
+    message = str(e.value)
+    assert message.startswith("error:") and "\n" not in message
+    assert path in message and "29-d qpos and qvel" in message and "D4RL/antmaze" in message
