@@ -428,6 +428,13 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
         normalize_score = lambda ret: 100.0 * (ret - ref_min) / (ref_max - ref_min)  # D4RL's get_normalized_score x 100
     else:
         metric, normalize_score = "return", None
+        print(f"note: {label} carries no reference scores; evaluation reports the raw return")
+    if name.startswith("mujoco/"):
+        print(
+            f"note: {label} is Minari's own data with Minari's reference scores on Gymnasium v5 envs, not D4RL's: "
+            "its scores are not comparable with the D4RL tables of papers; for those, load D4RL's hdf5 files "
+            "(e.g. hopper-medium-v2.hdf5 with --env-id Hopper-v5)"
+        )
     raw_env = lambda: dataset.recover_environment(eval_env=True)
     return label, {"train": arrays}, raw_env, metric, normalize_score
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common.datasets import D4RL_REF_SCORES, _d4rl_antmaze_env, load_dataset
-from tests.fixtures import write_d4rl_file
+from tests.fixtures import write_d4rl_file, write_minari_dataset
 
 
 def test_d4rl_reference_table_matches_d4rl_infos():
@@ -222,3 +222,22 @@ def test_d4rl_antmaze_files_are_refused_with_the_reason(tmp_path):
     message = str(e.value)
     assert message.startswith("error:") and "\n" not in message
     assert path in message and "29-d qpos and qvel" in message and "D4RL/antmaze" in message
+
+
+def test_minari_mujoco_datasets_say_once_that_they_are_not_d4rl(tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", root)
+    write_minari_dataset(
+        root, "mujoco/hopper/medium-v0", "Hopper-v5", num_episodes=2, max_steps=8, ref_min_score=-20.0, ref_max_score=3000.0
+    )
+    capsys.readouterr()
+    data = load_dataset("mujoco/hopper/medium-v0", dataset_dir=root)
+    assert data.metric == "normalized_score"  # Minari's own reference scores
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "not D4RL's" in notes[0] and "hopper-medium-v2.hdf5" in notes[0]
+
+    write_minari_dataset(root, "test/hopper/medium-v0", "Hopper-v5", num_episodes=2, max_steps=8)
+    capsys.readouterr()
+    load_dataset("test/hopper/medium-v0", dataset_dir=root)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "no reference scores" in notes[0]  # no D4RL notice outside mujoco/*
