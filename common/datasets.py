@@ -520,7 +520,7 @@ def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
         _check_arrays(raw, OGBENCH_KEYS, f"OGBench dataset file {f}")
         _check_binary(raw, ("terminals",), f"OGBench dataset file {f}")
     try:
-        env, train, _ = ogbench.make_env_and_datasets(name, dataset_dir=dataset_dir, compact_dataset=False)
+        env, train, val = ogbench.make_env_and_datasets(name, dataset_dir=dataset_dir, compact_dataset=False)
     except gym.error.Error as e:
         raise SystemExit(f"error: cannot make the OGBench environment for '{name}': {e}") from None
     except KeyError as e:  # the relabelling reads qpos / button_states
@@ -530,17 +530,21 @@ def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
     env.close()
     # OGBench's `terminals` mark trajectory ends (dones); its relabelled `masks` = 1 - success are the
     # bootstrap masks, and success ends an online episode, so terminals = 1 - masks (fino.md Sec. 2.2).
-    arrays = dict(
-        observations=train["observations"],
-        actions=train["actions"],
-        rewards=train["rewards"],
-        next_observations=train["next_observations"],
-        terminals=1.0 - train["masks"],
-        masks=train["masks"],
-        dones=train["terminals"],
-    )
+    # The `-val` file, relabelled by OGBench the same way, is the held-out split (FQL's validation losses).
+    splits = {
+        split: dict(
+            observations=d["observations"],
+            actions=d["actions"],
+            rewards=d["rewards"],
+            next_observations=d["next_observations"],
+            terminals=1.0 - d["masks"],
+            masks=d["masks"],
+            dones=d["terminals"],
+        )
+        for split, d in (("train", train), ("validation", val))
+    }
     raw_env = lambda: ogbench.make_env_and_datasets(name, env_only=True)
-    return f"OGBench dataset '{name}'", {"train": arrays}, raw_env, "success", None
+    return f"OGBench dataset '{name}'", splits, raw_env, "success", None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Scores comparable with the papers' tables: D4RL reference scores for D4RL-named files, Minari's D4RL AntMaze."""
+"""Benchmarks comparable with the papers: D4RL reference scores, Minari's D4RL AntMaze, notices, OGBench's val split."""
 
 import copy
 import os
@@ -9,9 +9,10 @@ import gymnasium_robotics
 import h5py
 import numpy as np
 import pytest
+import torch
 
-from common.datasets import D4RL_REF_SCORES, _d4rl_antmaze_env, load_dataset
-from tests.fixtures import write_d4rl_file, write_minari_dataset
+from common.datasets import ACTION_CLIP, D4RL_REF_SCORES, _d4rl_antmaze_env, load_dataset
+from tests.fixtures import write_d4rl_file, write_minari_dataset, write_ogbench_dataset
 
 
 def test_d4rl_reference_table_matches_d4rl_infos():
@@ -241,3 +242,33 @@ def test_minari_mujoco_datasets_say_once_that_they_are_not_d4rl(tmp_path, monkey
     load_dataset("test/hopper/medium-v0", dataset_dir=root)
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "no reference scores" in notes[0]  # no D4RL notice outside mujoco/*
+
+
+def test_ogbench_validation_split_is_the_val_file_processed_alike(tmp_path):
+    dataset_dir = str(tmp_path / "ogbench")
+    name = "pointmaze-medium-navigate-singletask-v0"
+    train_episodes = write_ogbench_dataset(dataset_dir, name, num_episodes=2, episode_length=30)
+    path = os.path.join(dataset_dir, "pointmaze-medium-navigate-v0-val.npz")
+    with np.load(path) as f:
+        raw = {k: f[k] for k in f.files}
+    env = gym.make("pointmaze-medium-singletask-v0")
+    env.reset(seed=0)
+    goal_rows = [3, 40]  # put two val rows on the task's goal: relabelled successes (reward 0, mask 0)
+    raw["qpos"][goal_rows, :2] = np.asarray(env.unwrapped.cur_goal_xy, np.float32)
+    env.close()
+    np.savez_compressed(path, **raw)
+
+    data = load_dataset(name, dataset_dir=dataset_dir)
+    val = data.validation
+    assert val is not None and val.validation is None and len(val) == len(data) == 2 * (30 - 1)
+    assert val.metric == data.metric == "success" and val.make_env is data.make_env
+    kept = np.flatnonzero(~raw["terminals"])  # OGBench drops each episode's last row
+    np.testing.assert_allclose(val.observations.numpy(), raw["observations"][kept], rtol=1e-6)
+    np.testing.assert_allclose(val.actions.numpy(), np.clip(raw["actions"][kept], -ACTION_CLIP, ACTION_CLIP), rtol=1e-6)
+    success = np.isin(kept, goal_rows).astype(np.float32)
+    np.testing.assert_array_equal(val.rewards.numpy(), success - 1.0)
+    np.testing.assert_array_equal(val.masks.numpy(), 1.0 - success)
+    np.testing.assert_array_equal(val.terminals.numpy(), success)
+    assert val.dones.sum() == 2
+    assert not torch.equal(val.observations, data.observations)  # a different split, not a copy of train
+    np.testing.assert_allclose(data.observations[0].numpy(), train_episodes[0]["observations"][0], rtol=1e-6)
