@@ -2,7 +2,7 @@
 
 `load_dataset(name, ...)` returns an `OfflineData`: flat transition tensors that live on the training
 device (moved there once), an on-device `sample(batch_size)`, the evaluation env factory and the
-evaluation metric. Conventions (fino.md Sec. 2.2, style-anchors.md Sec. 4.2):
+evaluation metric. Conventions (those of FQL's and IQL's loaders unless marked [ours]):
 - actions are in [-1, 1] (rescaled from the action space's bounds when those differ; the evaluation
   env is then wrapped in `RescaleAction` so it takes the same [-1, 1] actions) and clipped to
   +-(1 - 1e-5), as FQL does;
@@ -83,7 +83,6 @@ D4RL_ENV_WORDS = {
     "hopper": "hopper",
     "walker2d": "walker2d",
     "ant": "ant-",
-    "antmaze": "antmaze",
 }
 D4RL_ENV_WORDS |= {t: t for t in ("pen", "hammer", "door", "relocate", "kitchen")}
 """D4RL task -> the word its Gymnasium env id must contain (lower case), e.g. hopper -> Hopper-v5, pen -> AdroitHandPen-v1."""
@@ -100,7 +99,7 @@ class OfflineData:
     next_observations: torch.Tensor
     """(N, obs_dim) float32; a placeholder (= observations) where the env terminated and nothing follows"""
     terminals: torch.Tensor
-    """(N,) float32, 1.0 where the env terminated (no bootstrap)"""
+    """(N,) float32, 1.0 where the env terminated (no bootstrap); Minari D4RL/antmaze: where the goal was reached"""
     masks: torch.Tensor
     """(N,) float32, bootstrap mask: 1 - terminals (OGBench: its own relabelled masks)"""
     dones: torch.Tensor
@@ -108,7 +107,8 @@ class OfflineData:
     name: str
     """the dataset id, OGBench name or file path"""
     metric: str
-    """normalized_score (reference scores apply: D4RL-named file, Minari metadata), success (OGBench) or return"""
+    """normalized_score (reference scores apply: D4RL-named file, Minari metadata), success (OGBench, Minari
+    D4RL/antmaze: normalize_score = 100 x success) or return"""
     make_env: Callable[[int], gym.Env]
     """seed -> seeded evaluation env taking actions in [-1, 1], wrapped in RecordEpisodeStatistics"""
     normalize_score: Callable[[float], float] | None = None
@@ -417,7 +417,7 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
         arrays["terminals"] = (arrays["rewards"] == 1.0).astype(np.float32)
         arrays["masks"] = 1.0 - arrays["terminals"]
     if "antmaze" in name.lower():
-        arrays["rewards"] = arrays["rewards"] - 1.0  # D4RL antmaze: r - 1 (IQL/FQL convention, fino.md Sec. 2.2)
+        arrays["rewards"] = arrays["rewards"] - 1.0  # D4RL antmaze: r - 1 (IQL/FQL convention)
 
     if name.startswith(D4RL_ANTMAZE_PREFIX):
         raw_env = _d4rl_antmaze_env(dataset, name)
@@ -529,7 +529,7 @@ def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
         ) from None
     env.close()
     # OGBench's `terminals` mark trajectory ends (dones); its relabelled `masks` = 1 - success are the
-    # bootstrap masks, and success ends an online episode, so terminals = 1 - masks (fino.md Sec. 2.2).
+    # bootstrap masks, and success ends an online episode, so terminals = 1 - masks.
     # The `-val` file, relabelled by OGBench the same way, is the held-out split (FQL's validation losses).
     splits = {
         split: dict(
@@ -595,6 +595,11 @@ def _d4rl_reference(path: str, env_id: str, d4rl_name: str | None) -> tuple[str,
             )
             return None
     task = name.split("-")[0]
+    if task == "antmaze":  # return = success only when the episode ends at the goal, which --env-id does not set up
+        raise SystemExit(
+            f"error: dataset file {path}: D4RL's AntMaze scores ({name}) need D4RL's evaluation task (the episode ends at "
+            "the goal); a file's --env-id env does not set it up: use Minari's D4RL/antmaze/* datasets"
+        )
     if D4RL_ENV_WORDS[task] not in env_id.lower():
         raise SystemExit(f"error: dataset file {path} is scored as D4RL's {name}, a {task} dataset, but evaluated in {env_id}")
     return name, *D4RL_REF_SCORES[name]

@@ -272,3 +272,10 @@ def test_ogbench_validation_split_is_the_val_file_processed_alike(tmp_path):
     assert val.dones.sum() == 2
     assert not torch.equal(val.observations, data.observations)  # a different split, not a copy of train
     np.testing.assert_allclose(data.observations[0].numpy(), train_episodes[0]["observations"][0], rtol=1e-6)
+
+
+def test_d4rl_antmaze_scores_are_not_given_to_files(tmp_path):
+    path = str(tmp_path / "my_antmaze.npz")
+    write_d4rl_file(path, "AntMaze_UMaze-v5", num_episodes=1, max_steps=5)
+    with pytest.raises(SystemExit, match="need D4RL's evaluation task"):
+        load_dataset(path, env_id="AntMaze_UMaze-v5", d4rl_name="antmaze-umaze-v2")
