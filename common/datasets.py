@@ -302,12 +302,12 @@ def _check_arrays(arrays: dict[str, np.ndarray], required: tuple[str, ...], labe
 def _check_binary(arrays: dict[str, np.ndarray], keys: tuple[str, ...], label: str) -> None:
     """Flags (terminals, timeouts) must be 0/1; anything else is a layout error, not a flag to round."""
     for k in keys:
-        bad = (arrays[k] != 0) & (arrays[k] != 1)
+        flags = arrays[k].reshape(len(arrays[k]), -1)
+        bad = ((flags != 0) & (flags != 1)).any(axis=1)
         if bad.any():
-            i = int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))
-            raise SystemExit(
-                f"error: {label}: '{k}' must hold 0/1 flags but has {arrays[k].reshape(len(bad), -1)[i][0]} at row {i}"
-            )
+            i = int(np.argmax(bad))
+            value = flags[i][(flags[i] != 0) & (flags[i] != 1)][0]
+            raise SystemExit(f"error: {label}: '{k}' must hold 0/1 flags but has {value} at row {i}")
 
 
 def _validate(
@@ -388,9 +388,8 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
         dataset = minari.load_dataset(name)
         episodes = []
         for ep in dataset.iterate_episodes():
-            obs = _flatten_batch(
-                dataset.observation_space, ep.observations
-            )  # (T + 1, obs_dim): includes the final observation
+            # (T + 1, obs_dim): includes the final observation
+            obs = _flatten_batch(dataset.observation_space, ep.observations)
             terminals = np.asarray(ep.terminations, np.float32)
             episodes.append(
                 dict(
@@ -458,7 +457,7 @@ def _d4rl_antmaze_env(dataset, name: str) -> Callable[[], gym.Env]:
     Minari's evaluation spec holds D4RL's task (fixed reset cell r and goal cell g) but, for some mazes,
     in a map rotated 180 degrees relative to the data's maze (Minari issue #304); that map, turned back
     when needed so that its walls equal the data's, goes into the data's env spec with
-    continuing_task=False (the episode terminates within 0.45 of the goal, as D4RL's does) and D4RL's
+    continuing_task=False (the episode terminates at the goal, as D4RL's does; radius 0.45 here) and D4RL's
     episode limit. Return = success for this sparse reward, so the normalized score is 100 x success.
     """
     data_spec = dataset.env_spec
