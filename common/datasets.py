@@ -454,11 +454,12 @@ def _same_walls(map_a: list, map_b: list) -> bool:
 def _d4rl_antmaze_env(dataset, name: str) -> Callable[[], gym.Env]:
     """D4RL's AntMaze evaluation task in the maze the data was collected in, ending at the goal.
 
-    Minari's evaluation spec holds D4RL's task (fixed reset cell r and goal cell g) but, for some mazes,
-    in a map rotated 180 degrees relative to the data's maze (Minari issue #304); that map, turned back
-    when needed so that its walls equal the data's, goes into the data's env spec with
-    continuing_task=False (the episode terminates at the goal, as D4RL's does; radius 0.45 here) and D4RL's
-    episode limit. Return = success for this sparse reward, so the normalized score is 100 x success.
+    Minari's evaluation spec holds D4RL's task (fixed reset cell r and goal cell g) but, for umaze, in a map
+    turned 180 degrees relative to the data's maze (Minari issue #304: it is D4RL's U_MAZE_EVAL, not
+    U_MAZE_TEST); that map, turned back when needed so that its walls equal the data's, goes into the data's
+    env spec with continuing_task=False (the episode terminates at the goal, as D4RL's eval envs do; radius
+    0.45 here, 0.5 in D4RL) and D4RL's episode limit. Return = success for this 0/1 reward, so the normalized
+    score is 100 x success.
     """
     data_spec = dataset.env_spec
     eval_env = dataset.recover_environment(eval_env=True)
