@@ -266,11 +266,17 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def _check_arrays(arrays: dict[str, np.ndarray], required: tuple[str, ...], label: str, row: str = "row") -> None:
+def _check_arrays(
+    arrays: dict[str, np.ndarray],
+    required: tuple[str, ...],
+    label: str,
+    row: str = "row",
+    locate: Callable[[int], str] | None = None,
+) -> None:
     """Every required array present, numeric, at least 1-d with equal lengths and >= 1 row, and finite.
 
     Checks every array in `arrays` (not only the required ones); a finding ends the program with one line
-    naming `label`, the key and, for a non-finite value, the first bad `row`.
+    naming `label`, the key and, for a non-finite value, the first bad `row` (`locate(i)` describes row i).
     """
     missing = [k for k in required if k not in arrays]
     if missing:
@@ -294,8 +300,9 @@ def _check_arrays(arrays: dict[str, np.ndarray], required: tuple[str, ...], labe
             if bad.any():
                 i = int(np.argmax(bad))
                 value = a.reshape(len(a), -1)[i][~np.isfinite(a.reshape(len(a), -1)[i])][0]
+                where = locate(i) if locate else f"{row} {i}"
                 raise SystemExit(
-                    f"error: {label}: '{k}' has a non-finite value ({value}) at {row} {i} ({int(bad.sum())} {row}(s) in all)"
+                    f"error: {label}: '{k}' has a non-finite value ({value}) at {where} ({int(bad.sum())} {row}(s) in all)"
                 )
 
 
@@ -406,9 +413,14 @@ def _load_minari(name: str, dataset_dir: str | None, download: bool):
         raise SystemExit(f"error: {label} in {data_path} cannot be read ({_one_line(e)})") from None
     if not episodes:
         raise SystemExit(f"error: {label} has no episodes")
-    for i, ep in enumerate(episodes):
-        _check_arrays(ep, tuple(ep), f"{label}, episode {i}", row="step")
     arrays = _episode_arrays(episodes)
+    starts = np.cumsum([0] + [len(ep["rewards"]) for ep in episodes])
+
+    def locate(i: int) -> str:
+        episode = int(np.searchsorted(starts, i, side="right")) - 1
+        return f"episode {episode}, step {i - starts[episode]}"
+
+    _check_arrays(arrays, tuple(arrays), label, row="transition", locate=locate)
     if name.startswith(D4RL_ANTMAZE_PREFIX):
         # D4RL's AntMaze files mark the goal-reaching steps (reward 1) terminal, and IQL's and FQL's loaders
         # use masks = 1 - terminals: no bootstrap from the goal. Minari's port collected the data in a

@@ -122,7 +122,7 @@ def drop_minari_actions(main_data):
     [
         (
             break_minari_reward,
-            "Minari dataset 'test/hopper/bad-v0', episode 1: 'rewards' has a non-finite value (nan) at step 2",
+            "Minari dataset 'test/hopper/bad-v0': 'rewards' has a non-finite value (nan) at episode 1, step 2",
         ),
         (truncated, "cannot be read"),
         (drop_minari_actions, "cannot be read"),
