@@ -86,6 +86,9 @@ D4RL_ENV_WORDS = {
 }
 D4RL_ENV_WORDS |= {t: t for t in ("pen", "hammer", "door", "relocate", "kitchen")}
 """D4RL task -> the word its Gymnasium env id must contain (lower case), e.g. hopper -> Hopper-v5, pen -> AdroitHandPen-v1."""
+D4RL_HORIZON = {t: 1000 for t in ("halfcheetah", "hopper", "walker2d", "ant")}
+D4RL_HORIZON |= {"pen": 100, "hammer": 200, "door": 200, "relocate": 200, "kitchen": 280}
+"""D4RL's episode limits (max_episode_steps of its env registrations); the returns its reference scores normalize."""
 
 
 @dataclass
@@ -238,16 +241,16 @@ def _eval_env(env: gym.Env, seed: int) -> gym.Env:
     return env
 
 
-def _make_gym_env(env_id: str) -> gym.Env:
+def _make_gym_env(env_id: str, **kwargs) -> gym.Env:
     """gym.make, registering gymnasium-robotics' ids (AntMaze, Adroit, ...) on first need; one-line error otherwise."""
     try:
         try:
-            return gym.make(env_id)
+            return gym.make(env_id, **kwargs)
         except gym.error.NameNotFound:
             import gymnasium_robotics
 
             gym.register_envs(gymnasium_robotics)
-            return gym.make(env_id)
+            return gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         raise SystemExit(f"error: cannot make environment '{env_id}': {e}") from None
 
@@ -672,6 +675,13 @@ def _load_file(path: str, env_id: str | None, d4rl_name: str | None):
     reference = _d4rl_reference(path, env_id, d4rl_name)
     if reference is None:
         return label, {"train": arrays}, raw_env, "return", None
-    _, ref_min, ref_max = reference
+    d4rl, ref_min, ref_max = reference
+    horizon = D4RL_HORIZON[d4rl.split("-")[0]]
+    probe = _make_gym_env(env_id)
+    own_limit = probe.spec.max_episode_steps
+    probe.close()
+    if own_limit != horizon:  # e.g. AdroitHandPen-v1: 200 steps, D4RL's pen: 100
+        print(f"note: {label}: evaluation episodes last D4RL's {horizon} steps ({env_id}'s own limit: {own_limit})")
+    raw_env = lambda: _make_gym_env(env_id, max_episode_steps=horizon)
     normalize_score = lambda ret: 100.0 * (ret - ref_min) / (ref_max - ref_min)  # D4RL's get_normalized_score x 100
     return label, {"train": arrays}, raw_env, "normalized_score", normalize_score

@@ -279,3 +279,24 @@ def test_d4rl_antmaze_scores_are_not_given_to_files(tmp_path):
     write_d4rl_file(path, "AntMaze_UMaze-v5", num_episodes=1, max_steps=5)
     with pytest.raises(SystemExit, match="need D4RL's evaluation task"):
         load_dataset(path, env_id="AntMaze_UMaze-v5", d4rl_name="antmaze-umaze-v2")
+
+
+def test_d4rl_scored_files_evaluate_over_d4rl_episode_limits(tmp_path, capsys):
+    """D4RL's pen episodes last 100 steps (its registration), AdroitHandPen-v1's 200: returns, and so normalized
+    scores, are only comparable over D4RL's limit."""
+    path = str(tmp_path / "pen-human-v1.npz")
+    write_d4rl_file(path, "AdroitHandPen-v1", num_episodes=1, max_steps=5)
+    capsys.readouterr()
+    data = load_dataset(path, env_id="AdroitHandPen-v1")
+    assert data.metric == "normalized_score"
+    env = data.make_env(0)
+    assert env.spec.max_episode_steps == 100
+    env.close()
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "D4RL's 100 steps" in notes[0]
+
+    hopper = str(tmp_path / "hopper-medium-v2.npz")
+    write_d4rl_file(hopper, "Hopper-v5", num_episodes=1, max_steps=5)
+    data = load_dataset(hopper, env_id="Hopper-v5")
+    assert data.make_env(0).spec.max_episode_steps == 1000
+    assert "note:" not in capsys.readouterr().out  # the same limit: nothing to say
