@@ -507,14 +507,14 @@ OGBENCH_KEYS = ("observations", "actions", "terminals")
 def _load_ogbench(name: str, dataset_dir: str | None, download: bool):
     import ogbench
 
-    splits = name.split("-")
-    if "singletask" not in splits:
+    words = name.split("-")
+    if "singletask" not in words:
         raise SystemExit(
             f"error: '{name}' is not an OGBench single-task name (e.g. antmaze-large-navigate-singletask-v0); "
             "goal-conditioned OGBench datasets have no rewards"
         )
-    pos = splits.index("singletask")
-    file_name = "-".join(splits[:pos] + splits[-1:])  # the mapping ogbench.make_env_and_datasets uses
+    pos = words.index("singletask")
+    file_name = "-".join(words[:pos] + words[-1:])  # the mapping ogbench.make_env_and_datasets uses
     dataset_dir = os.path.abspath(os.path.expanduser(dataset_dir or OGBENCH_DEFAULT_DIR))
     files = [os.path.join(dataset_dir, f"{file_name}{suffix}.npz") for suffix in ("", "-val")]
     if not all(os.path.exists(f) for f in files):
