@@ -74,7 +74,7 @@ class Args:
     """where to write the results as JSON (default: benchmark_{suite}.json in the current folder)"""
     time_budget: float | None = None
     """seconds for the whole call, data generation included; a configuration that no longer fits is skipped
-    (default: 540 on gpu, 600 on cpu, 300 for flowq-steps)"""
+    (default: 530 on gpu, 600 on cpu, 300 for flowq-steps)"""
     config_timeout: float | None = None
     """wall-time cap of one configuration in seconds; past it the run is interrupted (Ctrl-C, so its logs are
     written) and reported as timed out (default: 150 on gpu, 180 on cpu, 120 for flowq-steps)"""
@@ -262,7 +262,7 @@ def run_config(config: Config, timeout: float, workdir: str) -> tuple[str, float
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGINT)  # the scripts catch Ctrl-C and close their TensorBoard writer
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -363,19 +363,26 @@ if __name__ == "__main__":
         raise SystemExit("error: --config-timeout must be positive")
     if not args.flow_steps or min(args.flow_steps) < 1:
         raise SystemExit("error: --flow-steps must list positive numbers of flow steps")
-    cpu = args.suite == "cpu"
-    if args.suite == "gpu":
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --suite gpu needs a CUDA device; on a machine without one use --suite cpu")
+    if args.suite == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("error: --suite gpu needs a CUDA device; on a machine without one use --suite cpu")
     budget = BUDGETS[args.suite]
-    time_budget = args.time_budget or {"gpu": 540.0, "cpu": 600.0, "flowq-steps": 300.0}[args.suite]
+    time_budget = args.time_budget or {"gpu": 530.0, "cpu": 600.0, "flowq-steps": 300.0}[args.suite]
     config_timeout = args.config_timeout or {"gpu": 150.0, "cpu": 180.0, "flowq-steps": 120.0}[args.suite]
     json_path = args.json or f"benchmark_{args.suite}.json"
     suite_start = time.time()
-    device = device_name(cpu)
+    device = f"{device_name(args.suite == 'cpu')}, torch {torch.__version__}"
     print(f"benchmark --suite {args.suite} on {device}; time budget {time_budget:.0f} s, cap {config_timeout:.0f} s per run")
+    rows: list[Row] = []
+
+    def report() -> str:
+        """Write the JSON (after every run, so a call cut short keeps what it measured) and return the table."""
+        fill_compile_times(rows)
+        summary = {"suite": args.suite, "device": device, "total_s": time.time() - suite_start, "args": asdict(args)}
+        with open(json_path, "w") as f:
+            json.dump({**summary, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        return markdown(rows)
 
     with tempfile.TemporaryDirectory(prefix="benchmark-data-") as data_dir:
         sizes = {}
@@ -385,30 +392,20 @@ if __name__ == "__main__":
             )
         if args.suite != "flowq-steps" and "fino" in args.scripts:
             sizes["ogbench"] = write_ogbench_dataset(data_dir, budget.episodes, budget.episode_length, args.seed)
-        print(f"data sets written in {time.time() - suite_start:.0f} s: {sizes} rows")
-
-        rows: list[Row] = []
+        print(f"data sets written in {time.time() - suite_start:.0f} s: {sizes} rows", flush=True)
         try:
             for config in configs(args, budget, data_dir, sizes):
                 left = time_budget - (time.time() - suite_start)
                 if left < min(60.0, config_timeout):
                     rows += [Row(config.script, config.task, phase, config.mode) for phase, _, _ in config.phases]
                     continue
-                new = measure(config, min(config_timeout, left))
+                new = measure(config, min(config_timeout, left - 15.0))  # 15 s: an interrupted run's grace
                 rows += new
+                report()
                 for r in new:
                     rate = "-" if r.steady_sps is None else f"{r.steady_sps:.1f} steps/s"
                     print(f"  {r.script} {r.task} {r.phase} {r.mode}: {rate}, {r.status} ({r.wall_s:.0f} s)", flush=True)
         except KeyboardInterrupt:
             print("interrupted: the table holds the runs finished so far")
-    fill_compile_times(rows)
-    table = markdown(rows)
-    total = time.time() - suite_start
-    print(f"\n{device}; {total:.0f} s in all\n\n{table}")
-    with open(json_path, "w") as f:
-        json.dump(
-            {"suite": args.suite, "device": device, "total_s": total, "args": asdict(args), "rows": [asdict(r) for r in rows]},
-            f,
-            indent=1,
-        )
-    print(f"\nwrote {json_path}")
+    table = report()
+    print(f"\n{device}; {time.time() - suite_start:.0f} s in all\n\n{table}\n\nwrote {json_path}")
