@@ -287,9 +287,9 @@ def read_phase(run_dir: str, launch: float, first: int, last: int, previous_end:
         return {}
     points = [e for e in events.Scalars(timing_tag) if first <= e.step <= last]
     result = {"end_time": points[-1].wall_time if points else None}
-    if len(points) >= 3:  # the first interval (start-up, compilation) is left out
-        steps = np.diff([e.step for e in points[1:]])
-        seconds = np.diff([e.wall_time for e in points[1:]])
+    if len(points) >= 3:  # intervals between log events: the phase's first interval (start-up, compilation) is not one
+        steps = np.diff([e.step for e in points])
+        seconds = np.diff([e.wall_time for e in points])
         result["steady_sps"] = float(statistics.median(steps / np.maximum(seconds, 1e-9)))
         result["mean_sps"] = float(steps.sum() / max(seconds.sum(), 1e-9))
         start = launch if previous_end is None else previous_end
