@@ -1,8 +1,9 @@
 """Training speed of fmer.py, fino.py and flowq.py in eager mode, with --compile, and with --compile --cudagraphs.
 
-Each configuration runs the REAL script as a subprocess for a short step budget, in its own working folder and
-torch.compile cache (so every compile time is a cold one), with evaluation pushed to the end of each phase and one
-evaluation episode. The figures are read back from the run's TensorBoard events (EventAccumulator):
+Each configuration runs the REAL script as a subprocess for a short step budget, in its own working folder, with
+evaluation pushed to the end of each phase and one evaluation episode. Each call starts with an empty torch.compile
+cache, shared by the runs of one script and task: `compile` compiles cold, `compile-cudagraphs` reuses what it can
+(--fresh-cache gives every run an empty one). The figures are read back from the runs' TensorBoard events:
 
 - steady steps/s: the median, over the log intervals of a phase after its first one (start-up, compilation,
   CUDA-graph capture, the previous phase's evaluation), of steps per second between consecutive log events; steps
@@ -84,6 +85,8 @@ class Args:
     """more flags for every script, in one string, e.g. --extra-flags="--batch-size 1024\""""
     seed: int = 1
     """seed of the data sets and the runs"""
+    fresh_cache: bool = False
+    """give every run an empty torch.compile cache (cold compile times for compile-cudagraphs too; a longer suite)"""
 
 
 @dataclass
@@ -247,11 +250,11 @@ def one_line(text: str) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
-def run_config(config: Config, timeout: float, workdir: str) -> tuple[str, float, float, str]:
+def run_config(config: Config, timeout: float, workdir: str, cache_dir: str) -> tuple[str, float, float, str]:
     """Run one configuration in `workdir` with a wall-time cap; returns (status, launch time, wall seconds, output)."""
     command = [sys.executable, os.path.join(ROOT, f"{config.script}.py"), *config.flags]
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(workdir, "inductor"))
-    env["TRITON_CACHE_DIR"] = os.path.join(workdir, "triton")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"))
+    env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
     log_path = os.path.join(workdir, "output.log")
     with open(log_path, "w") as log:
         start = time.time()
@@ -303,12 +306,12 @@ def read_phase(run_dir: str, launch: float, first: int, last: int, previous_end:
     return result
 
 
-def measure(config: Config, timeout: float) -> list[Row]:
+def measure(config: Config, timeout: float, cache_dir: str) -> list[Row]:
     """Run one configuration and turn its events into one row per phase."""
     rows = [Row(config.script, config.task, phase, config.mode) for phase, _, _ in config.phases]
     command = " ".join(shlex.quote(x) for x in [f"{config.script}.py", *config.flags])
     with tempfile.TemporaryDirectory(prefix="benchmark-") as workdir:
-        status, launch, wall, output = run_config(config, timeout, workdir)
+        status, launch, wall, output = run_config(config, timeout, workdir, cache_dir)
         run_dirs = glob.glob(os.path.join(workdir, "runs", "*"))
         previous_end = None
         for row, (_, first, last) in zip(rows, config.phases):
@@ -399,7 +402,9 @@ if __name__ == "__main__":
                 if left < min(60.0, config_timeout):
                     rows += [Row(config.script, config.task, phase, config.mode) for phase, _, _ in config.phases]
                     continue
-                new = measure(config, min(config_timeout, left - 15.0))  # 15 s: an interrupted run's grace
+                key = [config.script, config.task] + ([config.mode] if args.fresh_cache else [])
+                cache_dir = os.path.join(data_dir, "compile-cache", re.sub(r"[^\w.-]+", "_", "-".join(key)))
+                new = measure(config, min(config_timeout, left - 15.0), cache_dir)  # 15 s: an interrupted run's grace
                 rows += new
                 report()
                 for r in new:
