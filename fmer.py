@@ -171,6 +171,7 @@ class VelocityField(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int):
         super().__init__()
+        self.act_dim = act_dim
         self.net = mlp(obs_dim + act_dim + 1, act_dim, hidden_dim, num_layers)
 
     def forward(self, obs: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -205,14 +206,36 @@ def sample_candidates(
 ):
     """N latent candidates per state by Euler integration of the flow from z_0 ~ N(0, I) (Eq. 8), no gradient.
 
-    Returns the repeated states (B*N, obs_dim), the terminal latents z_1 (B*N, d) and, with
-    `return_path`, the Euler states z_{t_k}, k = 0..K-1, of shape (K, B*N, d).
+    Returns the repeated states (B*N, obs_dim), the terminal latents z_1 (B*N, d) and, with `return_path`, the
+    Euler states z_{t_k}, k = 0..K-1, and the velocities u_k evaluated there, each of shape (K, B*N, d).
     """
     obs_rep = obs.repeat_interleave(num_candidates, 0)
-    z0 = torch.randn(obs_rep.shape[0], actor.net[-1].out_features, device=obs.device)
+    z0 = torch.randn(obs_rep.shape[0], actor.act_dim, device=obs.device)
     with torch.no_grad():
         out = euler_sample(lambda z, t: actor(obs_rep, z, t), z0, flow_steps, return_path)
     return (obs_rep, *out) if return_path else (obs_rep, out)
+
+
+def entropy_estimate(actor, obs: torch.Tensor, path: torch.Tensor, velocities: torch.Tensor, divergence_fn) -> torch.Tensor:
+    """Single-time estimate, per state, of the action-space divergence integral int_0^1 E[div_a v_t] dt (Eqs. 13-18).
+
+    For each of the B states of `obs`: one of its N candidates, t ~ U[0, 1], and z_t on that candidate's Euler
+    polyline, z_t = z_{t_k} + (t - t_k) u_k (Eq. 8; `path`, `velocities` of shape (K, B*N, d) from
+    sample_candidates); returns div_z u(z_t, t, s) + the tanh correction of Prop. 3 (Eq. 14), shape (B,).
+    A uniform t makes the estimate unbiased for the roll-out's flow; t only on the grid k / K would be a left
+    Riemann sum, biased upward where the flow contracts. z_t is detached, so the entropy loss is a semi-gradient:
+    it changes u_theta at the visited states, not through the states the solver visits [ours].
+    """
+    steps, batch = path.shape[0], obs.shape[0]
+    num_candidates = path.shape[1] // batch
+    t = torch.rand(batch, 1, device=obs.device)
+    k = (t[:, 0] * steps).long().clamp(max=steps - 1)
+    rows = torch.arange(batch, device=obs.device) * num_candidates
+    rows = rows + torch.randint(0, num_candidates, (batch,), device=obs.device)
+    z_t = path[k, rows] + (t - k.unsqueeze(-1) / steps) * velocities[k, rows]
+    z_t = z_t.detach().requires_grad_(True)
+    u = actor(obs, z_t, t)
+    return divergence_fn(u, z_t) + tanh_divergence_correction(z_t, u)  # Eq. 16 (or exact) + Eq. 14
 
 
 def candidate_weights(q: torch.Tensor, temperature: float, weighting: str) -> torch.Tensor:
@@ -359,12 +382,12 @@ if __name__ == "__main__":
                 b_obs, b_next_obs, b_actions, b_rewards, b_terminated = batch.split([obs_dim, obs_dim, act_dim, 1, 1], 1)
                 alpha = log_alpha.detach().exp()
                 # One ODE solve serves the critic target (states s') and the actor's candidate set (states s).
-                obs_rep, z1, path = sample_candidates(
+                obs_rep, z1, path, velocities = sample_candidates(
                     actor, torch.cat([b_next_obs, b_obs]), args.num_candidates, args.flow_steps, return_path=True
                 )
                 half = args.batch_size * args.num_candidates
                 next_obs_rep, next_z1 = obs_rep[:half], z1[:half]
-                obs_rep, z1, path = obs_rep[half:], z1[half:], path[:, half:]
+                obs_rep, z1, path, velocities = obs_rep[half:], z1[half:], path[:, half:], velocities[:, half:]
 
                 # critic (Eqs. 19-20): y = r + gamma (1 - d) min_j Q_target_j(s', a'*), a'* the best of N at s'
                 with torch.no_grad():
@@ -387,17 +410,10 @@ if __name__ == "__main__":
                 cfm_error = (velocity - target_velocity(z0, z1)).pow(2).sum(-1).view_as(weights)
                 wcfm_loss = (weights * cfm_error).sum(1).mean()
 
-                # entropy (Eqs. 13-16): one detached Euler state z_{t_k} per state, t_k = k / K [ours: option (a)]
+                # entropy (Eqs. 13-16): one detached state z_t, t ~ U[0, 1], on a candidate's Euler polyline
                 entropy_on = args.entropy_off_step is None or global_step <= args.entropy_off_step
                 if entropy_on:
-                    rows = torch.arange(args.batch_size, device=device)
-                    k = torch.randint(0, args.flow_steps, (args.batch_size,), device=device)
-                    i = torch.randint(0, args.num_candidates, (args.batch_size,), device=device)
-                    z_t = path.view(args.flow_steps, args.batch_size, args.num_candidates, act_dim)[k, rows, i]
-                    z_t = z_t.detach().requires_grad_(True)
-                    t_k = (k.float() / args.flow_steps).unsqueeze(-1)
-                    u = actor(b_obs, z_t, t_k)
-                    corrected_div = divergence_fn(u, z_t) + tanh_divergence_correction(z_t, u)  # Prop. 3
+                    corrected_div = entropy_estimate(actor, b_obs, path, velocities, divergence_fn)
                     entropy_loss = -corrected_div.mean()  # Eq. 15
                     actor_loss = wcfm_loss + alpha * entropy_loss  # Eq. 6
                 else:

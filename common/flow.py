@@ -6,7 +6,7 @@ Conventions: x0 ~ N(0, I) is the source sample, x1 the data sample, t in [0, 1] 
 
 Contents
 - linear (optimal-transport) interpolation and its conditional target velocity;
-- explicit Euler sampling that can return the intermediate states;
+- explicit Euler sampling that can return the intermediate states and velocities (the Euler polyline);
 - the divergence of a velocity field: exact (d vector-Jacobian products) and Hutchinson's
   estimator with Rademacher probes (FMER Eq. 16);
 - the tanh divergence correction (FMER Prop. 3 / Eq. 14);
@@ -42,19 +42,22 @@ def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 def euler_sample(velocity, x0: torch.Tensor, steps: int, return_path: bool = False):
     """Integrate dx/dt = velocity(x, t) from t = 0 to 1 with `steps` explicit Euler steps (FMER Eq. 8).
 
-    Returns x_1, and with `return_path` also the states x_{t_k} at t_k = k / steps for k = 0..steps-1,
-    stacked on a new leading dimension (the points where the velocity was evaluated).
+    Returns x_1, and with `return_path` also the states x_{t_k} at t_k = k / steps for k = 0..steps-1 and the
+    velocities u_k = velocity(x_{t_k}, t_k) evaluated there, each stacked on a new leading dimension: the Euler
+    polyline is x_t = x_{t_k} + (t - t_k) u_k for t in [t_k, t_{k+1}].
     """
     dt = 1.0 / steps
     x = x0
-    path = []
+    path, velocities = [], []
     for k in range(steps):
+        t = torch.full_like(x[..., :1], k * dt)
+        u = velocity(x, t)
         if return_path:
             path.append(x)
-        t = torch.full_like(x[..., :1], k * dt)
-        x = x + dt * velocity(x, t)
+            velocities.append(u)
+        x = x + dt * u
     if return_path:
-        return x, torch.stack(path)
+        return x, torch.stack(path), torch.stack(velocities)
     return x
 
 

@@ -52,11 +52,14 @@ def test_interpolation_and_target_velocity():
 def test_euler_sample_returns_the_evaluated_states():
     x0, v = torch.randn(4, 3), torch.randn(4, 3)
     seen_t = []
-    x1, path = euler_sample(lambda x, t: seen_t.append(t[0, 0].item()) or v, x0, steps=5, return_path=True)
-    assert torch.allclose(x1, x0 + v)
-    assert path.shape == (5, 4, 3)
+    x1, path, velocities = euler_sample(
+        lambda x, t: seen_t.append(t[0, 0].item()) or v * (1 + t), x0, steps=5, return_path=True
+    )
+    assert path.shape == velocities.shape == (5, 4, 3)
     for k in range(5):
-        assert torch.allclose(path[k], x0 + k / 5 * v)
+        assert torch.allclose(velocities[k], v * (1 + k / 5))
+        assert torch.allclose(path[k], x0 + sum(velocities[:k]) / 5)
+    assert torch.allclose(x1, path[-1] + velocities[-1] / 5)
     assert seen_t == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
 
 
@@ -109,7 +112,7 @@ def test_prop3_tanh_divergence_correction_against_autograd():
 def affine_flow_samples(a0, a1, b, n, steps=400):
     z0 = torch.randn(n, a0.shape[0])
     field = lambda z, t: z @ a0.T + t * (z @ a1.T) + b
-    z1, path = euler_sample(field, z0, steps, return_path=True)
+    z1, path, _ = euler_sample(field, z0, steps, return_path=True)
     return field, z1, path
 
 
