@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -60,7 +61,7 @@ class Args:
     env_id: str = "Hopper-v5"
     """the id of the environment (Gymnasium MuJoCo v5, classic control, or FrankaKitchen-v1)"""
     kitchen_tasks: int = 1
-    """FrankaKitchen-v1 only: the task set N in {1, 2, 4, 7} of the paper (Sec. 5.1)"""
+    """FrankaKitchen-v1 only: the task set N in {1, 2, 4, 7} of the paper (App. B.3)"""
     total_timesteps: int = 1_000_000
     """total environment steps of the experiment"""
     learning_starts: int = 10_000
@@ -264,20 +265,31 @@ def best_of_candidates(q: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     return latents.view(*q.shape, -1)[torch.arange(q.shape[0], device=q.device), best]
 
 
-def evaluate(actor, critic, env, args, action_scale, action_bias, device, obs_dim):
-    """Mean return (and FrankaKitchen task metrics) over `eval_episodes` episodes, best-of-N by Q."""
-    returns, tasks, successes = [], [], []
-    for _ in range(args.eval_episodes):
-        obs, _ = env.reset()
-        done = False
-        while not done:
-            action = act(actor, critic, obs, args, device, obs_dim)
-            obs, _, terminated, truncated, info = env.step(action * action_scale + action_bias)
-            done = terminated or truncated
-        returns.append(info["episode"]["r"])
-        tasks.append(info.get("tasks_completed", 0))
-        successes.append(info.get("success", 0.0))
-    return float(np.mean(returns)), float(np.mean(tasks)), float(np.mean(successes))
+EVAL_INFO_KEYS = ("success", "success_rate", "tasks_completed", "all_tasks_success")
+
+
+def evaluate(policy, env: gym.Env, episodes: int, seed: int) -> dict[str, float]:
+    """Mean return over `episodes` episodes, and the mean of every EVAL_INFO_KEYS entry of the episodes' last info.
+    The env is reseeded with `seed` and the policy draws from a forked torch RNG seeded with `seed`, so an
+    evaluation never shifts the training run's random streams (CORL reseeds its eval env the same way)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    returns, finals = [], []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        obs, _ = env.reset(seed=seed)
+        for _ in range(episodes):
+            done = False
+            while not done:
+                obs, _, terminated, truncated, info = env.step(policy(obs))
+                done = terminated or truncated
+            returns.append(float(info["episode"]["r"]))
+            finals.append(info)
+            obs, _ = env.reset()
+    result = {"eval/episodic_return": float(np.mean(returns))}
+    for key in EVAL_INFO_KEYS:
+        if key in finals[0]:
+            result[f"eval/{key}"] = float(np.mean([float(info[key]) for info in finals]))
+    return result
 
 
 def act(actor, critic, obs, args, device, obs_dim) -> np.ndarray:
@@ -374,6 +386,7 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
                 if is_kitchen:
                     writer.add_scalar("charts/tasks_completed", info["tasks_completed"], global_step)
+                    writer.add_scalar("charts/success_rate", info["success_rate"], global_step)
                 obs, _ = env.reset()
 
             # ---- update: one gradient step per environment step ----
@@ -467,13 +480,11 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/gpu_memory_mb", torch.cuda.max_memory_allocated() / 2**20, global_step)
 
             if global_step % args.eval_every == 0 or global_step == args.total_timesteps:
-                eval_return, eval_tasks, eval_success = evaluate(
-                    actor, critic, eval_env, args, action_scale, action_bias, device, obs_dim
-                )
-                writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                if is_kitchen:
-                    writer.add_scalar("eval/tasks_completed", eval_tasks, global_step)
-                    writer.add_scalar("eval/success", eval_success, global_step)
+                policy = lambda o: act(actor, critic, o, args, device, obs_dim) * action_scale + action_bias
+                eval_metrics = evaluate(policy, eval_env, args.eval_episodes, args.seed + 10_000 + global_step)
+                for name, value in eval_metrics.items():
+                    writer.add_scalar(name, value, global_step)
+                eval_return = eval_metrics["eval/episodic_return"]
                 progress.set_postfix(eval_return=f"{eval_return:.1f}", refresh=False)
                 if args.save_model:
                     save_checkpoint(checkpoint_path, dict(checkpoint, global_step=global_step))

@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common.envs import KITCHEN_TASK_SETS, make_env
+from common.envs import KITCHEN_TASK_SETS, KitchenTaskMetrics, make_env
 from common.flow import hutchinson_divergence
 from fmer import (
     TwinQ,
@@ -258,7 +259,36 @@ def test_kitchen_task_sets_build_and_step(num_tasks):
         obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
         done, steps = terminated or truncated, steps + 1
     assert steps == 280 and truncated
-    assert 0 <= info["tasks_completed"] <= num_tasks and info["success"] in (0.0, 1.0)
+    assert 0 <= info["tasks_completed"] <= num_tasks and info["all_tasks_success"] in (0.0, 1.0)
+    assert info["success_rate"] == info["tasks_completed"] / num_tasks
+
+
+class StubKitchen(gym.Env):
+    """One-step episodes whose final info lists `completed` of the accomplished tasks, as FrankaKitchen-v1 does."""
+
+    observation_space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (3,))})
+    action_space = gym.spaces.Box(-1, 1, (2,))
+
+    def __init__(self, completed):
+        self.completed = completed
+
+    def reset(self, seed=None, options=None):
+        return {"observation": np.zeros(3)}, {}
+
+    def step(self, action):
+        info = {"episode_task_completions": ["light switch", "slide cabinet"][: self.completed]}
+        return {"observation": np.zeros(3)}, float(self.completed), False, True, info
+
+
+@pytest.mark.parametrize("completed, rate, all_done", [(0, 0.0, 0.0), (1, 0.5, 0.0), (2, 1.0, 1.0)])
+def test_kitchen_success_rate_is_tasks_over_n(completed, rate, all_done):
+    """FMER Table 1's Success Rate is 100 * tasks / N (1.26 of 2 tasks = 63 %), not the all-tasks indicator."""
+    env = KitchenTaskMetrics(StubKitchen(completed), num_tasks=2)
+    env.reset()
+    *_, info = env.step(np.zeros(2))
+    assert info["tasks_completed"] == completed
+    assert info["success_rate"] == rate
+    assert info["all_tasks_success"] == all_done
 
 
 def test_smoke_kitchen(tmp_path):
@@ -281,10 +311,14 @@ def test_smoke_kitchen(tmp_path):
     assert {
         "eval/episodic_return",
         "eval/tasks_completed",
-        "eval/success",
+        "eval/success_rate",
+        "eval/all_tasks_success",
         "charts/tasks_completed",
+        "charts/success_rate",
         "losses/wcfm_loss",
     } <= set(logged)
+    assert "eval/success" not in logged  # the all-tasks indicator has its own name
+    assert 0.0 <= logged["eval/success_rate"][-1] <= 1.0
 
 
 @pytest.mark.parametrize(
