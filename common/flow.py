@@ -66,27 +66,31 @@ def rademacher_like(x: torch.Tensor) -> torch.Tensor:
     return torch.randint_like(x, 0, 2).mul_(2).sub_(1)
 
 
-def hutchinson_divergence(
-    u: torch.Tensor, x: torch.Tensor, probe: torch.Tensor | None = None, create_graph: bool = True
-) -> torch.Tensor:
-    """Unbiased estimate eps^T (du/dx) eps of div u = tr(du/dx) (FMER Eq. 16), one probe per row.
+def hutchinson_divergence(velocity, x: torch.Tensor, probe: torch.Tensor | None = None):
+    """u = velocity(x) and the unbiased estimate eps^T (du/dx) eps of div u = tr(du/dx) (FMER Eq. 16), one probe per row.
 
-    `u` must have been computed from `x` (which requires grad); rows are independent samples, so
-    one vector-Jacobian product serves the whole batch. Returns shape x.shape[:-1].
+    Rows are independent samples, so one vector-Jacobian product serves the whole batch. The product is taken with
+    torch.func.vjp: the estimate is differentiable w.r.t. the parameters inside `velocity` by one ordinary backward
+    (a double backward through the network), and torch.compile can trace it, where it cannot trace
+    torch.autograd.grad(create_graph=True). Returns (u, div), div of shape x.shape[:-1].
     """
     if probe is None:
         probe = rademacher_like(x)
-    (vjp,) = torch.autograd.grad(u, x, grad_outputs=probe, create_graph=create_graph)
-    return (vjp * probe).sum(-1)
+    u, vjp_fn = torch.func.vjp(velocity, x)
+    (vjp,) = vjp_fn(probe)
+    return u, (vjp * probe).sum(-1)
 
 
-def exact_divergence(u: torch.Tensor, x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
-    """Exact div u = sum_i du_i/dx_i with d vector-Jacobian products (variance-free; for d small)."""
+def exact_divergence(velocity, x: torch.Tensor):
+    """u = velocity(x) and the exact div u = sum_i du_i/dx_i by d vector-Jacobian products (variance-free; d small).
+    Returns (u, div) as hutchinson_divergence does."""
+    u, vjp_fn = torch.func.vjp(velocity, x)
+    basis = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     div = torch.zeros_like(u[..., 0])
-    for i in range(u.shape[-1]):
-        (row,) = torch.autograd.grad(u[..., i].sum(), x, create_graph=create_graph, retain_graph=True)
+    for i in range(x.shape[-1]):
+        (row,) = vjp_fn(basis[i].expand_as(u))
         div = div + row[..., i]
-    return div
+    return u, div
 
 
 def tanh_divergence_correction(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
