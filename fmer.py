@@ -166,6 +166,16 @@ def action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
     return scale, bias
 
 
+def store_transition(
+    replay: torch.Tensor, step: int, obs, next_obs, action, reward: float, terminated: bool, truncated: bool
+) -> None:
+    """Row (step - 1) % len(replay) := [s, s', a, r, d] (one host-to-device copy). d is `terminated` alone: on
+    truncation (a time limit) next_obs is the true final observation and the target bootstraps through it (Eq. 20)."""
+    flag = float(terminated)  # not `terminated or truncated`
+    row = np.concatenate([obs, next_obs, action, [reward, flag]], dtype=np.float32)
+    replay[(step - 1) % len(replay)] = torch.from_numpy(row)
+
+
 # ---- Networks -------------------------------------------------------------------------------------------------------
 
 
@@ -676,9 +686,7 @@ if __name__ == "__main__":
                 env_action = action * action_scale + action_bias
             next_obs, reward, terminated, truncated, info = env.step(env_action)
 
-            # next_obs is the true final observation on truncation: bootstrap through it, cut only on termination
-            row = np.concatenate([obs, next_obs, action, [reward, terminated]], dtype=np.float32)
-            replay[(global_step - 1) % buffer_size] = torch.from_numpy(row)  # one host-to-device copy per step
+            store_transition(replay, global_step, obs, next_obs, action, reward, terminated, truncated)
             obs = next_obs
             if terminated or truncated:
                 writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
