@@ -308,7 +308,7 @@ def candidate_weights(q: torch.Tensor, temperature: float, weighting: str) -> to
         return torch.softmax(adv, 1)
     if weighting == "unnormalized":
         return torch.exp(adv.clamp(max=20.0))  # clamped only to keep the loss finite [ours]
-    return F.one_hot(adv.argmax(1), q.shape[1]).to(q.dtype)
+    return torch.zeros_like(q).scatter_(1, adv.argmax(1, keepdim=True), 1.0)  # one-hot without F.one_hot's host sync
 
 
 def td_target(
@@ -474,6 +474,52 @@ def train_step(
     return metrics
 
 
+def build_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device):
+    """The networks, optimizers, alpha and LR schedule (the checkpoint's contents), and the per-step functions:
+    `step_fns[entropy_on](obs, actions, rewards, terminated, next_obs) -> metrics` and `act_fn(obs) -> actions`.
+
+    --compile / --cudagraphs wrap the whole update (ODE solve, three optimizer steps, Polyak) and acting, the units
+    that run once per environment step; entropy_on is a Python flag, so each value gets its own compiled graph or
+    CUDA graph. torch.compile traces the entropy loss's double differentiation because the divergence is a
+    torch.func.vjp (common/flow.py), where torch.autograd.grad(create_graph=True) cannot be traced; the optimizers'
+    zero_grad and the backward calls stay graph breaks, as in LeanRL. For --cudagraphs the step has fixed shapes, no
+    host sync and no branch on tensor values: the batch is gathered outside it, alpha is read from log_alpha and the
+    annealed LR from a tensor inside it. That path has not been run here (no GPU was available)."""
+    actor = VelocityField(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
+    critic = make_critic(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
+    critic_target = make_critic(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    # the annealed actor LR is a tensor on the speed paths, updated in place, so a compiled or captured step reads it
+    # without recompiling; a tensor LR needs foreach=False unless the optimizer is capturable
+    fast = args.compile or args.cudagraphs
+    actor_lr = torch.tensor(args.actor_lr, device=device) if fast else args.actor_lr
+    foreach = False if fast and not args.cudagraphs else None
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=actor_lr, capturable=args.cudagraphs, foreach=foreach)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, capturable=args.cudagraphs)
+    num_updates = max(1, args.total_timesteps - args.learning_starts)
+    actor_schedule = torch.optim.lr_scheduler.LinearLR(
+        actor_optimizer, 1.0, args.actor_lr_end / args.actor_lr, total_iters=num_updates
+    )
+    log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, capturable=args.cudagraphs)
+    target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
+
+    nets = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha)
+    optimizers = dict(actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer, alpha_optimizer=alpha_optimizer)
+    act_fn = functools.partial(act, actor=actor, critic=critic, num_candidates=args.num_candidates, flow_steps=args.flow_steps)
+    step_fns = {
+        on: functools.partial(train_step, **nets, **optimizers, args=args, target_entropy=target_entropy, entropy_on=on)
+        for on in (True, False)
+    }
+    if args.compile:
+        step_fns = {on: torch.compile(fn) for on, fn in step_fns.items()}
+        act_fn = torch.compile(act_fn)
+    if args.cudagraphs:
+        step_fns = {on: CudaGraphStep(fn) for on, fn in step_fns.items()}
+        act_fn = CudaGraphStep(act_fn)
+    return dict(**nets, **optimizers, actor_schedule=actor_schedule), step_fns, act_fn
+
+
 # ---- Acting and evaluation ------------------------------------------------------------------------------------------
 
 
@@ -614,42 +660,8 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: networks, optimizers, update functions (+ torch.compile / CudaGraphStep when asked)
-    actor = VelocityField(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
-    critic = make_critic(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
-    critic_target = make_critic(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    # the annealed actor LR is a tensor on the speed paths, updated in place, so a compiled or captured step reads it
-    fast = args.compile or args.cudagraphs
-    actor_lr = torch.tensor(args.actor_lr, device=device) if fast else args.actor_lr
-    actor_optimizer = torch.optim.Adam(
-        actor.parameters(), lr=actor_lr, capturable=args.cudagraphs, foreach=False if fast and not args.cudagraphs else None
-    )
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, capturable=args.cudagraphs)
-    num_updates = max(1, args.total_timesteps - args.learning_starts)
-    actor_schedule = torch.optim.lr_scheduler.LinearLR(
-        actor_optimizer, 1.0, args.actor_lr_end / args.actor_lr, total_iters=num_updates
-    )
-    log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, capturable=args.cudagraphs)
-    target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
-
-    # The whole update (ODE solve, three optimizer steps, Polyak) and acting are the units wrapped by --compile and
-    # --cudagraphs; entropy_on is a Python flag, so each of its values gets its own compiled graph / CUDA graph.
-    # The entropy loss's divergence is a torch.func.vjp (common/flow.py), which torch.compile traces.
-    nets = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha)
-    optimizers = dict(actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer, alpha_optimizer=alpha_optimizer)
-    act_fn = functools.partial(act, actor=actor, critic=critic, num_candidates=args.num_candidates, flow_steps=args.flow_steps)
-    step_fns = {}
-    for entropy_on in (True, False):
-        step_fns[entropy_on] = functools.partial(
-            train_step, **nets, **optimizers, args=args, target_entropy=target_entropy, entropy_on=entropy_on
-        )
-    if args.compile:
-        step_fns = {on: torch.compile(fn) for on, fn in step_fns.items()}
-        act_fn = torch.compile(act_fn)
-    if args.cudagraphs:
-        step_fns = {on: CudaGraphStep(fn) for on, fn in step_fns.items()}
-        act_fn = CudaGraphStep(act_fn)
+    agent, step_fns, act_fn = build_agent(args, obs_dim, act_dim, device)
+    actor_schedule = agent["actor_schedule"]
 
     # replay buffer on the training device, one row per transition: [s, s', a, r, terminated];
     # actions are stored in the policy's (-1, 1) space
@@ -663,13 +675,7 @@ if __name__ == "__main__":
     policy = lambda o: policy_action(o) * action_scale + action_bias  # the env's action space
 
     checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
-    checkpoint = dict(
-        script="fmer.py",
-        **nets,
-        **optimizers,
-        actor_schedule=actor_schedule,
-        args=vars(args),
-    )
+    checkpoint = dict(script="fmer.py", **agent, args=vars(args))
     first_update_step = args.learning_starts + 1
     first_bad, metrics = {}, {}
     sps_start, sps_step, excluded = None, 0, 0.0
