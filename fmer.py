@@ -104,6 +104,14 @@ class Args:
     # Policy improvement and entropy
     adv_temperature: float = 0.5
     """advantage temperature beta in w = exp(A / beta) (Eq. 11; "advantage weight 0.5", B.2)"""
+    adv_temperature_mode: Literal["fixed", "ess"] = "fixed"
+    """`fixed`: beta = --adv-temperature throughout (v1 of the paper); `ess`: beta starts there and a dual step on log
+    beta after every update drives the batch mean of the weights' ESS fraction 1 / (N sum_i w_i^2) to
+    --target-ess-fraction (the adaptive temperature of the paper's v3, arXiv:2603.17685v3) [ours: its form and rate]"""
+    target_ess_fraction: float = 0.5
+    """`ess` mode: the target of the mean ESS fraction of the normalized candidate weights, in (0, 1) [ours]"""
+    adv_temperature_lr: float = 1e-3
+    """`ess` mode: Adam learning rate of log beta [ours]"""
     weighting: Literal["softmax", "unnormalized", "top1"] = "softmax"
     """candidate weights: softmax over the N candidates (Eq. 11), unnormalized exp(A / beta), or hard top-1 (ablation, Fig. 6a)"""
     divergence: Literal["hutchinson", "exact"] = "hutchinson"
@@ -298,7 +306,7 @@ def entropy_estimate(actor, obs: torch.Tensor, path: torch.Tensor, velocities: t
     return div + tanh_divergence_correction(z_t, u)  # Eq. 14
 
 
-def candidate_weights(q: torch.Tensor, temperature: float, weighting: str) -> torch.Tensor:
+def candidate_weights(q: torch.Tensor, temperature: float | torch.Tensor, weighting: str) -> torch.Tensor:
     """Weights of the N candidates per state from their Q-values q of shape (B, N) (Eq. 11).
 
     The advantage A_i = Q_i - mean_j Q_j [ours]; under the softmax any per-state baseline cancels.
@@ -361,7 +369,7 @@ def update_actor(
     actor: VelocityField,
     critic: CriticEnsemble,
     actor_optimizer: torch.optim.Optimizer,
-    adv_temperature: float,
+    adv_temperature: float | torch.Tensor,
     weighting: str,
     divergence_fn,
     entropy_on: bool,
@@ -400,6 +408,19 @@ def update_actor(
     return metrics
 
 
+def update_adv_temperature(
+    ess_fraction: torch.Tensor, log_beta: torch.Tensor, beta_optimizer: torch.optim.Optimizer, target_ess_fraction: float
+) -> dict[str, torch.Tensor]:
+    """--adv-temperature-mode ess: one dual step on log beta against the batch's mean ESS fraction of the weights.
+    A smaller ESS than the target (weights too peaked) raises beta, flattening them; a larger one lowers it."""
+    beta = log_beta.detach().exp()  # the temperature this update's weights used
+    beta_loss = log_beta * (ess_fraction - target_ess_fraction)
+    beta_optimizer.zero_grad(set_to_none=True)
+    beta_loss.backward()
+    beta_optimizer.step()
+    return {"charts/adv_temperature": beta}
+
+
 def update_alpha(
     entropy: torch.Tensor, log_alpha: torch.Tensor, alpha_optimizer: torch.optim.Optimizer, target_entropy: float
 ) -> dict[str, torch.Tensor]:
@@ -423,9 +444,11 @@ def train_step(
     critic: CriticEnsemble,
     critic_target: CriticEnsemble,
     log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
     actor_optimizer: torch.optim.Optimizer,
     critic_optimizer: torch.optim.Optimizer,
     alpha_optimizer: torch.optim.Optimizer,
+    beta_optimizer: torch.optim.Optimizer,
     args: Args,
     target_entropy: float,
     entropy_on: bool,
@@ -451,6 +474,8 @@ def train_step(
         args.reward_scale,
     )
     divergence_fn = hutchinson_divergence if args.divergence == "hutchinson" else exact_divergence
+    adaptive = args.adv_temperature_mode == "ess"
+    adv_temperature = log_beta.detach().exp() if adaptive else args.adv_temperature
     metrics |= update_actor(
         obs,
         obs_rep[half:],
@@ -461,13 +486,16 @@ def train_step(
         actor,
         critic,
         actor_optimizer,
-        args.adv_temperature,
+        adv_temperature,
         args.weighting,
         divergence_fn,
         entropy_on,
     )
     if entropy_on and args.autotune:
         metrics |= update_alpha(metrics["charts/entropy"], log_alpha, alpha_optimizer, target_entropy)
+    if adaptive:
+        ess_fraction = metrics["charts/weight_ess_fraction"]
+        metrics |= update_adv_temperature(ess_fraction, log_beta, beta_optimizer, args.target_ess_fraction)
     with torch.no_grad():
         for target_param, param in zip(critic_target.parameters(), critic.parameters()):
             target_param.lerp_(param, args.tau)
@@ -502,10 +530,18 @@ def build_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device):
     )
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, capturable=args.cudagraphs)
+    adaptive = args.adv_temperature_mode == "ess"
+    log_beta = torch.tensor(math.log(args.adv_temperature), device=device, requires_grad=adaptive)
+    beta_optimizer = torch.optim.Adam([log_beta], lr=args.adv_temperature_lr, capturable=args.cudagraphs)
     target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
 
-    nets = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha)
-    optimizers = dict(actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer, alpha_optimizer=alpha_optimizer)
+    nets = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha, log_beta=log_beta)
+    optimizers = dict(
+        actor_optimizer=actor_optimizer,
+        critic_optimizer=critic_optimizer,
+        alpha_optimizer=alpha_optimizer,
+        beta_optimizer=beta_optimizer,
+    )
     act_fn = functools.partial(act, actor=actor, critic=critic, num_candidates=args.num_candidates, flow_steps=args.flow_steps)
     step_fns = {
         on: functools.partial(train_step, **nets, **optimizers, args=args, target_entropy=target_entropy, entropy_on=on)

@@ -11,12 +11,14 @@ import fmer
 from common.flow import hutchinson_divergence
 from fmer import (
     VelocityField,
+    candidate_weights,
     entropy_estimate,
     make_critic,
     sample_candidates,
     store_transition,
     train_step,
     update_actor,
+    update_adv_temperature,
     update_critic,
 )
 
@@ -102,7 +104,7 @@ def test_actor_candidates_come_from_the_batch_states(monkeypatch):
     monkeypatch.setattr(fmer, "update_actor", spy)
     actor, critic = nets()
     critic_target = make_critic(OBS_DIM, ACT_DIM, 8, 2)
-    log_alpha = torch.zeros((), requires_grad=True)
+    log_alpha, log_beta = torch.zeros((), requires_grad=True), torch.zeros(())
     args = fmer.Args(num_candidates=N, flow_steps=K)
     torch.manual_seed(1)
     obs, next_obs = torch.randn(BATCH, OBS_DIM), 10 + torch.randn(BATCH, OBS_DIM)
@@ -112,9 +114,11 @@ def test_actor_candidates_come_from_the_batch_states(monkeypatch):
         critic=critic,
         critic_target=critic_target,
         log_alpha=log_alpha,
+        log_beta=log_beta,
         actor_optimizer=torch.optim.SGD(actor.parameters(), lr=0.0),
         critic_optimizer=torch.optim.SGD(critic.parameters(), lr=0.0),
         alpha_optimizer=torch.optim.SGD([log_alpha], lr=0.0),
+        beta_optimizer=None,
         args=args,
         target_entropy=-2.0,
         entropy_on=True,
@@ -140,3 +144,26 @@ def test_replay_stores_termination_not_truncation():
     assert replay[0].tolist() == [1.0] * OBS_DIM + [2.0] * OBS_DIM + [0.5] * ACT_DIM + [1.5, 0.0]
     assert replay[1, -2:].tolist() == [-1.0, 1.0]
     assert replay[2, -2:].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("ess_fraction, direction", [(0.2, 1.0), (0.8, -1.0)])
+def test_adv_temperature_dual_step_direction(ess_fraction, direction):
+    """--adv-temperature-mode ess: weights too peaked (ESS below the 0.5 target) raise beta; too flat lower it."""
+    log_beta = torch.tensor(np.log(0.5), dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.SGD([log_beta], lr=0.1)
+    metrics = update_adv_temperature(torch.tensor(ess_fraction), log_beta, optimizer, 0.5)
+    assert metrics["charts/adv_temperature"].item() == pytest.approx(0.5)  # the temperature the weights used
+    assert log_beta.item() - np.log(0.5) == pytest.approx(direction * 0.1 * abs(ess_fraction - 0.5), rel=1e-5)
+
+
+def test_adv_temperature_reaches_the_target_ess():
+    """Repeated dual steps on fixed candidate values bring the mean ESS fraction 1 / (N sum w^2) to the target."""
+    torch.manual_seed(0)
+    q = 3 * torch.randn(64, 8)
+    log_beta = torch.tensor(np.log(0.5), dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([log_beta], lr=0.05)
+    ess = lambda: (1.0 / candidate_weights(q, log_beta.detach().exp(), "softmax").pow(2).sum(1)).mean() / 8
+    assert ess() < 0.3
+    for _ in range(500):
+        update_adv_temperature(ess(), log_beta, optimizer, 0.6)
+    assert ess().item() == pytest.approx(0.6, abs=0.01)
