@@ -32,7 +32,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.envs import KITCHEN_ID, make_env
+from common.envs import KITCHEN_ID, KITCHEN_TASK_SETS, make_env
 from common.flow import (
     euler_sample,
     exact_divergence,
@@ -137,26 +137,56 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """One-line errors for flag combinations that cannot run."""
+    """Every size, count, budget, rate and coefficient range-checked before anything is built: one-line errors."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    positive_ints = ["total_timesteps", "learning_starts", "buffer_size", "hidden_dim", "num_layers", "num_candidates"]
+    positive_ints += ["flow_steps", "batch_size", "eval_every", "eval_episodes", "log_every"]
+    for name in positive_ints:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: {flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ["actor_lr", "critic_lr", "alpha_lr", "adv_temperature_lr", "adv_temperature", "alpha", "reward_scale"]:
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise SystemExit(f"error: {flag(name)} must be a positive number, got {getattr(args, name)}")
     problems = [
+        (not 0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}"),
+        (not 0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}"),
+        (not 0 < args.tau <= 1, f"--tau must be in (0, 1], got {args.tau}"),
+        (
+            not 0 <= args.actor_lr_end <= args.actor_lr,
+            f"--actor-lr-end ({args.actor_lr_end}) must be in [0, --actor-lr ({args.actor_lr})]: the LR anneals down",
+        ),
+        (not 0 < args.target_ess_fraction < 1, f"--target-ess-fraction must be in (0, 1), got {args.target_ess_fraction}"),
+        (
+            args.target_entropy is not None and not math.isfinite(args.target_entropy),
+            f"--target-entropy must be a finite number of nats, got {args.target_entropy}",
+        ),
+        (
+            args.entropy_off_step is not None and args.entropy_off_step < 0,
+            f"--entropy-off-step must be non-negative, got {args.entropy_off_step}",
+        ),
         (
             args.learning_starts < args.batch_size,
             f"--learning-starts ({args.learning_starts}) must be at least --batch-size ({args.batch_size})",
         ),
         (
+            args.total_timesteps <= args.learning_starts,
+            f"--total-timesteps ({args.total_timesteps}) must exceed --learning-starts ({args.learning_starts}): no update would run",
+        ),
+        (
             args.buffer_size < args.learning_starts,
             f"--buffer-size ({args.buffer_size}) must hold the {args.learning_starts} warm-up steps",
         ),
-        (args.num_candidates < 1 or args.flow_steps < 1, "--num-candidates and --flow-steps must be positive"),
-        (args.adv_temperature <= 0, "--adv-temperature must be positive"),
-        (args.alpha <= 0, "--alpha must be positive (alpha is tuned in log space)"),
+        (
+            args.adv_temperature_mode == "ess" and args.weighting == "top1",
+            "--adv-temperature-mode ess has nothing to tune with --weighting top1 (its weights do not depend on beta)",
+        ),
         (
             args.kitchen_tasks != 1 and args.env_id != KITCHEN_ID,
             f"--kitchen-tasks applies to {KITCHEN_ID} only, not {args.env_id}",
         ),
         (
-            min(args.eval_every, args.eval_episodes, args.log_every) < 1,
-            "--eval-every, --eval-episodes and --log-every must be positive",
+            args.env_id == KITCHEN_ID and args.kitchen_tasks not in KITCHEN_TASK_SETS,
+            f"--kitchen-tasks must be one of {sorted(KITCHEN_TASK_SETS)}, got {args.kitchen_tasks}",
         ),
     ]
     for failed, message in problems:
