@@ -355,3 +355,20 @@ def test_entropy_gradient_is_finite_for_large_observations():
     (-div.mean()).backward()
     grads = torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])  # not the output bias
     assert torch.isfinite(grads).all() and grads.abs().max() > 0
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    """Evaluation forks the torch RNG and reseeds its own env: runs that differ only in --eval-episodes (evaluating
+    every 40 steps, before and during updates) log identical training losses and episodes."""
+    logs = []
+    for episodes in ("1", "3"):
+        cwd = tmp_path / episodes
+        cwd.mkdir()
+        flags = ["--env-id", "Pendulum-v1", "--total-timesteps", "240", "--eval-every", "40", "--eval-episodes", episodes]
+        result = run_script(cwd, "fmer.py", *flags, *TINY)
+        assert result.returncode == 0, result.stderr[-2000:]
+        logs.append(logged_values(cwd)[1])
+    training = [tag for tag in logs[0] if tag.startswith(("losses/", "charts/")) and tag != "charts/SPS"]
+    assert "losses/qf_loss" in training and "charts/episodic_return" in training and len(logs[0]["eval/episodic_return"]) == 6
+    for tag in training:
+        assert logs[0][tag] == logs[1][tag], tag
