@@ -193,6 +193,8 @@ def test_smoke_pendulum_updates_evaluates_and_saves(tmp_path):
     assert len(logged["losses/qf_loss"]) == 220 // 20 - 64 // 20  # updates ran at every step after the warm-up
     assert len(logged["eval/episodic_return"]) == 2
     assert logged["charts/actor_lr"][-1] < 3e-4  # annealing
+    sps_steps = [step for step, _ in scalars(run_dir)["charts/SPS"]]
+    assert sps_steps[0] == 80  # timed from the 4th update (step 68) on: the first log step after the burn-in
     assert logged["losses/alpha"][-1] < 1.0  # the entropy is above the target -dim(A) at the start: alpha shrinks
     checkpoint = load_checkpoint(os.path.join(run_dir, "fmer.pt"), "fmer.py", torch.device("cpu"))
     assert {
