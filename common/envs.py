@@ -9,8 +9,8 @@ import gymnasium as gym
 import numpy as np
 
 KITCHEN_ID = "FrankaKitchen-v1"
-KITCHEN_EPISODE_STEPS = 280  # FMER Sec. 5.1
-KITCHEN_TASK_SETS = {  # FMER Sec. 5.1: the N = 1, 2, 4, 7 task sets
+KITCHEN_EPISODE_STEPS = 280  # FMER Sec. 5.2
+KITCHEN_TASK_SETS = {  # FMER App. B.3: the N = 1, 2, 4, 7 task sets
     1: ["light switch"],
     2: ["light switch", "slide cabinet"],
     4: ["light switch", "slide cabinet", "bottom burner", "microwave"],
@@ -23,7 +23,8 @@ class KitchenTaskMetrics(gym.Wrapper):
 
     The policy sees the 59-d `observation` entry (robot and object states); the goal entries are
     constant for a fixed task set and are dropped. At the end of an episode, `info` gains
-    `tasks_completed` (count) and `success` (1.0 when every task of the set was accomplished).
+    `tasks_completed` (count), `success_rate` (tasks_completed / N: FMER Table 1's Success Rate divided by 100)
+    and `all_tasks_success` (1.0 when every task of the set was accomplished).
     """
 
     def __init__(self, env: gym.Env, num_tasks: int):
@@ -40,7 +41,8 @@ class KitchenTaskMetrics(gym.Wrapper):
         if terminated or truncated:
             completed = len(info["episode_task_completions"])
             info["tasks_completed"] = completed
-            info["success"] = float(completed == self.num_tasks)
+            info["success_rate"] = completed / self.num_tasks
+            info["all_tasks_success"] = float(completed == self.num_tasks)
         return obs["observation"].astype(np.float32), reward, terminated, truncated, info
 
 

@@ -6,7 +6,7 @@ Conventions: x0 ~ N(0, I) is the source sample, x1 the data sample, t in [0, 1] 
 
 Contents
 - linear (optimal-transport) interpolation and its conditional target velocity;
-- explicit Euler sampling that can return the intermediate states;
+- explicit Euler sampling that can return the intermediate states and velocities (the Euler polyline);
 - the divergence of a velocity field: exact (d vector-Jacobian products) and Hutchinson's
   estimator with Rademacher probes (FMER Eq. 16);
 - the tanh divergence correction (FMER Prop. 3 / Eq. 14);
@@ -42,19 +42,22 @@ def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 def euler_sample(velocity, x0: torch.Tensor, steps: int, return_path: bool = False):
     """Integrate dx/dt = velocity(x, t) from t = 0 to 1 with `steps` explicit Euler steps (FMER Eq. 8).
 
-    Returns x_1, and with `return_path` also the states x_{t_k} at t_k = k / steps for k = 0..steps-1,
-    stacked on a new leading dimension (the points where the velocity was evaluated).
+    Returns x_1, and with `return_path` also the states x_{t_k} at t_k = k / steps for k = 0..steps-1 and the
+    velocities u_k = velocity(x_{t_k}, t_k) evaluated there, each stacked on a new leading dimension: the Euler
+    polyline is x_t = x_{t_k} + (t - t_k) u_k for t in [t_k, t_{k+1}].
     """
     dt = 1.0 / steps
     x = x0
-    path = []
+    path, velocities = [], []
     for k in range(steps):
+        t = torch.full_like(x[..., :1], k * dt)
+        u = velocity(x, t)
         if return_path:
             path.append(x)
-        t = torch.full_like(x[..., :1], k * dt)
-        x = x + dt * velocity(x, t)
+            velocities.append(u)
+        x = x + dt * u
     if return_path:
-        return x, torch.stack(path)
+        return x, torch.stack(path), torch.stack(velocities)
     return x
 
 
@@ -63,27 +66,31 @@ def rademacher_like(x: torch.Tensor) -> torch.Tensor:
     return torch.randint_like(x, 0, 2).mul_(2).sub_(1)
 
 
-def hutchinson_divergence(
-    u: torch.Tensor, x: torch.Tensor, probe: torch.Tensor | None = None, create_graph: bool = True
-) -> torch.Tensor:
-    """Unbiased estimate eps^T (du/dx) eps of div u = tr(du/dx) (FMER Eq. 16), one probe per row.
+def hutchinson_divergence(velocity, x: torch.Tensor, probe: torch.Tensor | None = None):
+    """u = velocity(x) and the unbiased estimate eps^T (du/dx) eps of div u = tr(du/dx) (FMER Eq. 16), one probe per row.
 
-    `u` must have been computed from `x` (which requires grad); rows are independent samples, so
-    one vector-Jacobian product serves the whole batch. Returns shape x.shape[:-1].
+    Rows are independent samples, so one vector-Jacobian product serves the whole batch. The product is taken with
+    torch.func.vjp: the estimate is differentiable w.r.t. the parameters inside `velocity` by one ordinary backward
+    (a double backward through the network), and torch.compile can trace it, where it cannot trace
+    torch.autograd.grad(create_graph=True). Returns (u, div), div of shape x.shape[:-1].
     """
     if probe is None:
         probe = rademacher_like(x)
-    (vjp,) = torch.autograd.grad(u, x, grad_outputs=probe, create_graph=create_graph)
-    return (vjp * probe).sum(-1)
+    u, vjp_fn = torch.func.vjp(velocity, x)
+    (vjp,) = vjp_fn(probe)
+    return u, (vjp * probe).sum(-1)
 
 
-def exact_divergence(u: torch.Tensor, x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
-    """Exact div u = sum_i du_i/dx_i with d vector-Jacobian products (variance-free; for d small)."""
+def exact_divergence(velocity, x: torch.Tensor):
+    """u = velocity(x) and the exact div u = sum_i du_i/dx_i by d vector-Jacobian products (variance-free; d small).
+    Returns (u, div) as hutchinson_divergence does."""
+    u, vjp_fn = torch.func.vjp(velocity, x)
+    basis = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     div = torch.zeros_like(u[..., 0])
-    for i in range(u.shape[-1]):
-        (row,) = torch.autograd.grad(u[..., i].sum(), x, create_graph=create_graph, retain_graph=True)
+    for i in range(x.shape[-1]):
+        (row,) = vjp_fn(basis[i].expand_as(u))
         div = div + row[..., i]
-    return div
+    return u, div
 
 
 def tanh_divergence_correction(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

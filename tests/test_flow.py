@@ -52,18 +52,21 @@ def test_interpolation_and_target_velocity():
 def test_euler_sample_returns_the_evaluated_states():
     x0, v = torch.randn(4, 3), torch.randn(4, 3)
     seen_t = []
-    x1, path = euler_sample(lambda x, t: seen_t.append(t[0, 0].item()) or v, x0, steps=5, return_path=True)
-    assert torch.allclose(x1, x0 + v)
-    assert path.shape == (5, 4, 3)
+    x1, path, velocities = euler_sample(
+        lambda x, t: seen_t.append(t[0, 0].item()) or v * (1 + t), x0, steps=5, return_path=True
+    )
+    assert path.shape == velocities.shape == (5, 4, 3)
     for k in range(5):
-        assert torch.allclose(path[k], x0 + k / 5 * v)
+        assert torch.allclose(velocities[k], v * (1 + k / 5))
+        assert torch.allclose(path[k], x0 + sum(velocities[:k]) / 5)
+    assert torch.allclose(x1, path[-1] + velocities[-1] / 5)
     assert seen_t == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
 
 
 def test_exact_divergence_is_the_jacobian_trace():
     field = random_field(4, seed=0)
     z, t = torch.randn(6, 4, requires_grad=True), torch.rand(6, 1)
-    div = exact_divergence(field(z, t), z)
+    _, div = exact_divergence(lambda x: field(x, t), z)
     for row in range(6):
         jac = torch.autograd.functional.jacobian(lambda x: field(x[None], t[row : row + 1])[0], z[row].detach())
         assert div[row].item() == pytest.approx(torch.trace(jac).item(), abs=1e-10)
@@ -75,13 +78,30 @@ def test_hutchinson_is_unbiased(num_probes):
     torch.manual_seed(1)
     field = random_field(5, seed=1)
     z0, t0 = torch.randn(1, 5), torch.rand(1, 1)
-    z = z0.expand(num_probes, 5).clone().requires_grad_(True)
-    u = field(z, t0.expand(num_probes, 1))
-    exact = exact_divergence(u, z, create_graph=False)[0]
-    estimates = hutchinson_divergence(u, z, create_graph=False)
+    z = z0.expand(num_probes, 5).clone()
+    velocity = lambda x: field(x, t0.expand(num_probes, 1))
+    exact = exact_divergence(velocity, z)[1][0]
+    _, estimates = hutchinson_divergence(velocity, z)
     stderr = estimates.std() / math.sqrt(num_probes)
     assert estimates.std() > 1e-3  # the probes really vary
     assert abs(estimates.mean() - exact) < 4 * stderr
+
+
+def test_hutchinson_gradient_equals_the_double_backward():
+    """The torch.func.vjp form gives the value and the parameter gradient of eps^T (du/dz) eps that
+    torch.autograd.grad(create_graph=True) gives (what the entropy loss of Eq. 15 differentiates)."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    z, probe = torch.randn(10, 3), rademacher_like(torch.empty(10, 3))
+    velocity = lambda x: net(torch.cat([x, x[:, :1] ** 2], -1))
+    params = list(net.parameters())[:-1]  # the output bias does not enter a divergence
+    _, div = hutchinson_divergence(velocity, z, probe)
+    grads = torch.autograd.grad(div.sum(), params)
+    z_leaf = z.clone().requires_grad_(True)
+    (vjp,) = torch.autograd.grad(velocity(z_leaf), z_leaf, grad_outputs=probe, create_graph=True)
+    reference = (vjp * probe).sum(-1)
+    assert torch.allclose(div, reference, atol=1e-12)
+    for g, r in zip(grads, torch.autograd.grad(reference.sum(), params)):
+        assert torch.allclose(g, r, atol=1e-12)
 
 
 def test_rademacher_probes():
@@ -94,14 +114,13 @@ def test_prop3_tanh_divergence_correction_against_autograd():
     """div_a v(a, t) with v = (1 - a^2) u(atanh a, t) equals div_z u - 2 sum tanh(z) u (Prop. 3, Eq. 14)."""
     dim = 3
     field = random_field(dim, seed=2)
-    z = (1.5 * torch.randn(8, dim)).requires_grad_(True)
+    z = 1.5 * torch.randn(8, dim)
     t = torch.rand(8, 1)
-    u = field(z, t)
-    predicted = exact_divergence(u, z) + tanh_divergence_correction(z, u)
+    u, div = exact_divergence(lambda x: field(x, t), z)
+    predicted = div + tanh_divergence_correction(z, u)
 
-    a = torch.tanh(z).detach().requires_grad_(True)
-    v = (1 - a**2) * field(torch.atanh(a), t)
-    assert torch.allclose(exact_divergence(v, a), predicted, atol=1e-8)
+    _, div_a = exact_divergence(lambda a: (1 - a**2) * field(torch.atanh(a), t), torch.tanh(z))
+    assert torch.allclose(div_a, predicted, atol=1e-8)
     # the correction is not negligible here, so a wrong sign or factor would fail above
     assert tanh_divergence_correction(z, u).abs().min() > 1e-3
 
@@ -109,7 +128,7 @@ def test_prop3_tanh_divergence_correction_against_autograd():
 def affine_flow_samples(a0, a1, b, n, steps=400):
     z0 = torch.randn(n, a0.shape[0])
     field = lambda z, t: z @ a0.T + t * (z @ a1.T) + b
-    z1, path = euler_sample(field, z0, steps, return_path=True)
+    z1, path, _ = euler_sample(field, z0, steps, return_path=True)
     return field, z1, path
 
 
@@ -133,17 +152,17 @@ def test_thm2_entropy_of_an_affine_flow():
 
     # integral form: a Riemann sum of the exact divergence along the Euler states
     steps = path.shape[0]
-    z_path = path[:, :64].reshape(-1, dim).clone().requires_grad_(True)
+    z_path = path[:, :64].reshape(-1, dim)
     t_path = (torch.arange(steps) / steps).repeat_interleave(64)[:, None]
-    div = exact_divergence(field(z_path, t_path), z_path).view(steps, 64).mean(1)
+    div = exact_divergence(lambda z: field(z, t_path), z_path)[1].view(steps, 64).mean(1)
     assert flow_entropy(dim, div.mean()).item() == pytest.approx(closed_form, abs=2e-3)
 
     # single-time estimator (Eq. 13): t ~ U[0, 1], z_t from the flow, one Hutchinson probe; unbiased
     n = 20_000
     k = torch.randint(0, steps, (n,))
-    z_t = path[k, torch.arange(n) % path.shape[1]].clone().requires_grad_(True)
+    z_t = path[k, torch.arange(n) % path.shape[1]]
     t = (k / steps)[:, None]
-    single = flow_entropy(dim, hutchinson_divergence(field(z_t, t), z_t, create_graph=False))
+    single = flow_entropy(dim, hutchinson_divergence(lambda z: field(z, t), z_t)[1])
     assert single.mean().item() == pytest.approx(closed_form, abs=4 * single.std().item() / math.sqrt(n) + 2e-3)
     assert gaussian_entropy(dim) - div.mean().item() != pytest.approx(closed_form, abs=0.1)  # the sign matters
 
@@ -161,14 +180,14 @@ def test_eqs17_18_action_entropy_of_a_tanh_squashed_flow():
     direct = h_z1 + log_jac.mean().item()  # H(tanh z) = H(z) + E[sum log(1 - tanh^2 z)]
 
     steps = path.shape[0]
-    z_t = path.reshape(-1, dim)[::20].clone().requires_grad_(True)
+    z_t = path.reshape(-1, dim)[::20]
     t = (torch.arange(steps) / steps).repeat_interleave(path.shape[1])[::20, None]
-    u = field(z_t, t)
-    corrected = exact_divergence(u, z_t) + tanh_divergence_correction(z_t, u)
+    u, div = exact_divergence(lambda z: field(z, t), z_t)
+    corrected = div + tanh_divergence_correction(z_t, u)
     flow_formula = tanh_flow_entropy(dim, corrected.mean()).item()
     assert flow_formula == pytest.approx(direct, abs=0.03)
     # without the tanh correction the formula would miss by far more than the tolerance
-    assert abs(flow_entropy(dim, exact_divergence(u, z_t).mean()).item() - direct) > 0.3
+    assert abs(flow_entropy(dim, div.mean()).item() - direct) > 0.3
 
 
 def test_tanh_base_entropy_constant():
