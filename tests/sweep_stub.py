@@ -43,7 +43,7 @@ def save() -> None:
     os.replace(checkpoint + ".tmp", checkpoint)
 
 
-record(start=step, pid=os.getpid(), argv=sys.argv[1:])
+record(start=step, pid=os.getpid(), argv=sys.argv[1:], time=time.time(), cuda=os.environ.get("CUDA_VISIBLE_DEVICES"))
 while step < args.total_steps:
     time.sleep(args.step_time)
     step += 1
@@ -54,5 +54,5 @@ while step < args.total_steps:
     if step % args.checkpoint_every == 0:
         save()
 save()
-record(end=step)
+record(end=step, time=time.time())
 sys.exit(args.exit_code)
