@@ -237,7 +237,7 @@ def make_executor(args: Args, folder: str) -> submitit.Executor:
         job_name=f"sweep-{os.path.basename(args.script)[: -len('.py')]}",
         partition=args.partition,
         time=args.time_min,
-        gpus_per_node=gpus,
+        gpus_per_node=gpus or None,
         cpus_per_task=cpus,
         signal_delay_s=args.signal_delay_s,
         additional_parameters=extra,
@@ -259,6 +259,26 @@ def outcome(run: Run, job: submitit.Job, executor: str) -> tuple[bool, str]:
     return False, f"failed  {run.name} (exit {status}); log: {log}"
 
 
+def submit(args: Args, executor: submitit.Executor, todo: list[Run]) -> list[tuple[Run, submitit.Job]]:
+    """Submit the runs; returns them with their jobs, which have ended (local) or may still run (slurm, debug)."""
+    if args.executor != "local":
+        jobs = list(zip(todo, executor.submit_array(todo))) if todo else []
+        if args.executor == "slurm" and jobs:
+            print(f"submitted {len(jobs)} Slurm jobs ({jobs[0][1].job_id.split('_')[0]}); waiting for them", flush=True)
+        return jobs
+    # LocalExecutor starts every job at once: keep at most jobs_in_flight running
+    limit, pending, running, finished = args.jobs_in_flight or 1, list(todo), [], []
+    while pending or running:
+        while pending and len(running) < limit:
+            run = pending.pop(0)
+            running.append((run, executor.submit(run)))
+        time.sleep(0.5)
+        done = [job.done() for _, job in running]
+        finished += [entry for entry, d in zip(running, done) if d]
+        running = [entry for entry, d in zip(running, done) if not d]
+    return sorted(finished, key=lambda entry: todo.index(entry[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -276,22 +296,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"submit  {run.name}" + (f" (resumes from runs/{run.name}/{run.exp_name}.pt)" if resume else ""))
             todo.append(run)
     sys.stdout.flush()
-    if args.executor == "local":  # LocalExecutor starts every job at once: keep at most jobs_in_flight running
-        limit, pending, running, finished = args.jobs_in_flight or 1, list(todo), [], []
-        while pending or running:
-            while pending and len(running) < limit:
-                run = pending.pop(0)
-                running.append((run, executor.submit(run)))
-            time.sleep(0.5)
-            done = [job.done() for _, job in running]
-            finished += [entry for entry, d in zip(running, done) if d]
-            running = [entry for entry, d in zip(running, done) if not d]
-        jobs = sorted(finished, key=lambda entry: todo.index(entry[0]))
-    else:
-        jobs = list(zip(todo, executor.submit_array(todo))) if todo else []
-        if args.executor == "slurm" and jobs:
-            print(f"submitted {len(jobs)} Slurm jobs ({jobs[0][1].job_id.split('_')[0]}); waiting for them", flush=True)
-    summary = [outcome(run, job, args.executor) for run, job in jobs]
+    try:
+        summary = [outcome(run, job, args.executor) for run, job in submit(args, executor, todo)]
+    except KeyboardInterrupt:
+        if args.executor == "slurm":
+            print("stopped waiting: the Slurm jobs go on (squeue --me); rerun the sweep once they have ended, not before")
+        else:
+            print("interrupted: running scripts save a checkpoint and exit; rerun the same command to resume them")
+        return 130
     for _, line in summary:
         print(line)
     failed = sum(not ok for ok, _ in summary)

@@ -1,6 +1,6 @@
 """A stand-in training script for tests/test_sweep.py with the resume interface of fmer.py, fino.py and flowq.py:
 counts steps, checkpoints `runs/NAME/sweep_stub.pt` (JSON: the step) every --checkpoint-every steps and at the end,
-on SIGTERM / SIGUSR2 saves and exits 128 + the signal, continues from --resume DIR. Each start and end is a line
+on SIGINT / SIGTERM / SIGUSR2 saves and exits 128 + the signal, continues from --resume DIR. Each start and end is a line
 of `runs/NAME/progress.jsonl`."""
 
 import argparse
@@ -28,8 +28,8 @@ checkpoint = f"{run_dir}/{args.exp_name}.pt"
 step = json.load(open(checkpoint))["step"] if args.resume else 0
 os.makedirs(run_dir, exist_ok=True)
 stop = []
-signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
-signal.signal(signal.SIGUSR2, lambda signum, frame: stop.append(signum))
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+    signal.signal(signum, lambda signum, frame: stop.append(signum))
 
 
 def record(**entry) -> None:

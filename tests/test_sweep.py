@@ -8,10 +8,11 @@ import threading
 import time
 
 import pytest
-import submitit
 
-from scripts import sweep
 from tests.conftest import ROOT, assert_one_line_error, run_script
+
+submitit = pytest.importorskip("submitit", reason="pip install -r requirements.txt (submitit)")
+from scripts import sweep  # noqa: E402
 
 STUB = "tests/sweep_stub.py"
 
@@ -109,8 +110,10 @@ def test_checkpoint_stops_the_script_and_requeues_a_run_that_resumes(stub, tmp_p
     assert not os.path.exists(os.path.join(run.run_dir, "DONE"))
 
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and isinstance(delayed.function, sweep.Run)
-    assert delayed.function.name == run.name and delayed.function.command == run.command
-    assert delayed.result() == 0  # the requeued job
+    delayed.dump(tmp_path / "requeued.pkl")  # submitit pickles it for the requeued job, which loads and runs it
+    requeued = submitit.helpers.DelayedSubmission.load(tmp_path / "requeued.pkl")
+    assert requeued.function.name == run.name and requeued.function.command == run.command
+    assert requeued.result() == 0
     start, end = progress(run.run_dir)[-2:]
     assert start["start"] == stopped["interrupted"] > 0 and end["end"] == 300
     assert os.path.exists(os.path.join(run.run_dir, "DONE"))
