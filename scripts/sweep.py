@@ -94,6 +94,8 @@ class Run(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         """Run the script to its end, from the run's checkpoint if there is one; returns its exit status."""
+        if os.path.exists(os.path.join(self.run_dir, "DONE")):  # it ended as the job was told to checkpoint
+            return 0
         command = list(self.command)
         if os.path.exists(os.path.join(self.run_dir, f"{self.exp_name}.pt")):
             command += ["--resume", f"runs/{self.name}"]
@@ -113,13 +115,14 @@ class Run(submitit.helpers.Checkpointable):
                 time.sleep(0.2)
         finally:
             self._stop()  # on KeyboardInterrupt or SystemExit too: the script checkpoints before the job ends
-        if self._status == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-            open(os.path.join(self.run_dir, "DONE"), "w").close()
         return self._status
 
     def _wait(self, child: subprocess.Popen) -> None:
-        self._status = child.wait()
+        status = child.wait()
+        if status == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            open(os.path.join(self.run_dir, "DONE"), "w").close()
+        self._status = status
 
     def _stop(self) -> None:
         """Send SIGTERM to a running script (it saves a checkpoint and exits) and wait until it has exited."""
@@ -134,10 +137,14 @@ class Run(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(Run(self.name, self.command, self.cwd, self.exp_name, self.env))
 
 
-def task_name(task: str) -> str:
+def is_file(task: str, script: Script) -> bool:
+    return script.task_flag == "--dataset" and (os.path.exists(task) or task.endswith(FILE_SUFFIXES))
+
+
+def task_name(task: str, script: Script) -> str:
     """The task part of a run name, as the scripts write it: a dataset file's base name without its extension,
     else the env id or dataset name with '/' -> '-'."""
-    if os.path.exists(task) or task.endswith(FILE_SUFFIXES):
+    if is_file(task, script):
         return os.path.splitext(os.path.basename(task))[0]
     return task.replace("/", "-")
 
@@ -180,7 +187,7 @@ def plan(args: Args, extra: list[str]) -> list[Run]:
     exp_name = flag_value(extra, "--exp-name") or os.path.basename(args.script)[: -len(".py")]
     names = {}
     for task in args.tasks:
-        name = task_name(task)
+        name = task_name(task, script)
         if "__" in name + exp_name:
             raise SystemExit(f"error: '{name}__{exp_name}' has '__', which separates the parts of a run name")
         if name in names:
@@ -189,7 +196,7 @@ def plan(args: Args, extra: list[str]) -> list[Run]:
     env = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")} if args.executor == "local" else {}
     runs = []
     for name, task in names.items():
-        task_arg = os.path.abspath(task) if os.path.exists(task) else task  # runs start in the parent of --runs-dir
+        task_arg = os.path.abspath(task) if is_file(task, script) else task  # runs start in the parent of --runs-dir
         for seed in args.seeds:
             run_name = f"{name}__{exp_name}__{seed}__sweep"
             command = [sys.executable, os.path.join(ROOT, args.script), script.task_flag, task_arg, "--seed", str(seed)]

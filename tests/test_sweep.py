@@ -147,6 +147,14 @@ def test_failing_runs_are_reported_with_their_logs_and_run_one_at_a_time_locally
     assert first[-1]["time"] <= second[0]["time"]  # --jobs-in-flight unset: one local run at a time
 
 
+def test_a_requeued_run_whose_script_had_ended_does_not_run_it_again(stub, tmp_path):
+    """The script may end just as submitit asks for a checkpoint: it wrote DONE, so the requeued run returns 0."""
+    (run,) = sweep.plan(sweep.Args(script=STUB, tasks=["Hopper-v5"], runs_dir=str(tmp_path / "runs")), [])
+    os.makedirs(run.run_dir)
+    open(os.path.join(run.run_dir, "DONE"), "w").close()
+    assert run.checkpoint().result() == 0 and os.listdir(run.run_dir) == ["DONE"]
+
+
 def test_a_run_that_never_checkpointed_starts_over_with_its_logs_set_aside(stub, tmp_path):
     args = sweep.Args(script=STUB, tasks=["Hopper-v5"], runs_dir=str(tmp_path / "runs"))
     (run,) = sweep.plan(args, ["--total-steps", "3"])
@@ -160,9 +168,11 @@ def test_a_run_that_never_checkpointed_starts_over_with_its_logs_set_aside(stub,
     ]
 
 
-def test_run_names_and_flags_per_script(tmp_path):
+def test_run_names_and_flags_per_script(tmp_path, monkeypatch):
     data = tmp_path / "hopper-medium-v2.hdf5"
     data.touch()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Humanoid-v5").touch()  # an env id is never a file, even where a file has its name
     runs = str(tmp_path / "runs")
     plan = lambda script, *tasks: sweep.plan(sweep.Args(script=script, tasks=list(tasks), seeds=[4], runs_dir=runs), [])
     (fmer,) = plan("fmer.py", "Humanoid-v5")
