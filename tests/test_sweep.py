@@ -120,16 +120,16 @@ def test_checkpoint_stops_the_script_and_requeues_a_run_that_resumes(stub, tmp_p
 
 
 def test_a_job_at_its_time_limit_is_requeued_and_resumes(stub, tmp_path, capsys):
-    """The local executor signals the job 3 s into its 1-minute limit (--signal-delay-s 57): submitit calls
+    """The local executor signals the job 6 s into its 1-minute limit (--signal-delay-s 54): submitit calls
     checkpoint(), which stops the script, and requeues the run (each time it is signaled), which resumes and ends."""
     run_dir = tmp_path / "runs" / "Ant-v5__sweep_stub__1__sweep"
     argv = ["--script", STUB, "--tasks", "Ant-v5", "--runs-dir", str(tmp_path / "runs"), "--time-min", "1"]
-    argv += ["--signal-delay-s", "57", "--", "--total-steps", "300", "--step-time", "0.01"]
+    argv += ["--signal-delay-s", "54", "--", "--total-steps", "800", "--step-time", "0.01"]
     assert sweep.main(argv) == 0, capsys.readouterr().out
     starts = [entry for entry in progress(run_dir) if "start" in entry]
     interrupted = [entry for entry in progress(run_dir) if "interrupted" in entry]
     assert len(starts) >= 2 and starts[0]["start"] == 0 and starts[1]["start"] == interrupted[0]["interrupted"] > 0
-    assert interrupted[0]["signal"] == signal.SIGTERM and progress(run_dir)[-1]["end"] == 300
+    assert interrupted[0]["signal"] == signal.SIGTERM and progress(run_dir)[-1]["end"] == 800
     assert (run_dir / "DONE").exists()
 
 
@@ -166,6 +166,19 @@ def test_a_run_that_never_checkpointed_starts_over_with_its_logs_set_aside(stub,
     assert stale.startswith(run.name + "__") and os.listdir(tmp_path / "runs" / ".stale" / stale) == [
         "events.out.tfevents.1.host"
     ]
+
+
+def test_the_command_line_runs_a_real_script_in_a_local_job(tmp_path):
+    """From the shell, the job pickles scripts/sweep.py's Run by value; here fmer.py refuses a flag: exit 2, logged."""
+    result = run_script(tmp_path, "scripts/sweep.py", "--script", "fmer.py", "--tasks", "Pendulum-v1", "--", "--no-such-flag")
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("failed  Pendulum-v1__fmer__1__sweep (exit 2)")]
+    with open(tmp_path / line.split("; log: ")[1]) as f:
+        assert "--no-such-flag" in f.read()
+    with open(tmp_path / line.split("; log: ")[1].replace(".err", ".out")) as f:
+        assert (
+            f"{os.path.join(ROOT, 'fmer.py')} --env-id Pendulum-v1 --seed 1 --run-name Pendulum-v1__fmer__1__sweep" in f.read()
+        )
 
 
 def test_run_names_and_flags_per_script(tmp_path, monkeypatch):
