@@ -269,7 +269,12 @@ def outcome(run: Run, job: submitit.Job, executor: str) -> tuple[bool, str]:
 def submit(args: Args, executor: submitit.Executor, todo: list[Run]) -> list[tuple[Run, submitit.Job]]:
     """Submit the runs; returns them with their jobs, which have ended (local) or may still run (slurm, debug)."""
     if args.executor != "local":
-        jobs = list(zip(todo, executor.submit_array(todo))) if todo else []
+        try:
+            jobs = list(zip(todo, executor.submit_array(todo))) if todo else []
+        except submitit.core.utils.FailedJobError as e:  # sbatch refused them (its message is on stderr already)
+            raise SystemExit(
+                f"error: sbatch refused the jobs: {(str(e).strip().splitlines() or ['no message'])[-1]}"
+            ) from None
         if args.executor == "slurm" and jobs:
             print(f"submitted {len(jobs)} Slurm jobs ({jobs[0][1].job_id.split('_')[0]}); waiting for them", flush=True)
         return jobs

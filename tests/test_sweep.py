@@ -4,6 +4,8 @@ resume from their checkpoints, submitit's checkpoint() stops the script and requ
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -211,6 +213,25 @@ def test_slurm_options_reach_sbatch(tmp_path, monkeypatch):
         assert f"#SBATCH {line}\n" in sbatch
     assert "#SBATCH --account=proj\n" in sbatch and "#SBATCH --mem=32G\n" in sbatch and "#SBATCH --array=0-19%5\n" in sbatch
     assert executor.max_num_timeout == 3
+
+
+def test_sbatch_refusing_the_jobs_is_one_error_line(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", "exit 0"), ("sbatch", "echo 'sbatch: error: invalid partition specified: nope' >&2; exit 1")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    flags = ["--script", "fmer.py", "--tasks", "Hopper-v5", "Ant-v5", "--executor", "slurm", "--partition", "nope"]
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts/sweep.py"), *flags],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert_one_line_error(result, "sbatch refused the jobs: sbatch: error: invalid partition specified: nope")
 
 
 @pytest.mark.parametrize(
