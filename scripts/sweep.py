@@ -138,6 +138,7 @@ class Run(submitit.helpers.Checkpointable):
 
 
 def is_file(task: str, script: Script) -> bool:
+    """Whether a task is a dataset file (as common/datasets.py decides: an existing path or a file suffix)."""
     return script.task_flag == "--dataset" and (os.path.exists(task) or task.endswith(FILE_SUFFIXES))
 
 
@@ -214,8 +215,12 @@ def make_executor(args: Args, folder: str) -> submitit.Executor:
         raise SystemExit("error: --requeues and --signal-delay-s must not be negative")
     if args.signal_delay_s >= 60 * args.time_min:
         raise SystemExit(f"error: --signal-delay-s {args.signal_delay_s} leaves no time before --time-min {args.time_min}")
-    slurm_only = dict(partition="--partition", gpus_per_job="--gpus-per-job", cpus_per_job="--cpus-per-job")
-    slurm_only["slurm_parameters"] = "--slurm-parameters"
+    slurm_only = {
+        "partition": "--partition",
+        "gpus_per_job": "--gpus-per-job",
+        "cpus_per_job": "--cpus-per-job",
+        "slurm_parameters": "--slurm-parameters",
+    }
     if args.executor != "slurm":
         given = [flag for key, flag in slurm_only.items() if getattr(args, key)]
         if given:
