@@ -1,24 +1,27 @@
 """FINO: Flow matching with Injected Noise for Offline-to-online RL (Shin et al., ICLR 2026, arXiv:2602.18117),
-on the FQL skeleton (Park et al., arXiv:2502.02538); FQL itself is the configuration `--eta 0 --no-entropy-guidance`.
+on the FQL skeleton (Park et al., arXiv:2502.02538); FQL itself is `--algo fql`.
 
 Networks (FQL): a BC flow velocity field v_theta(s, x, t), a one-step policy mu_omega(s, z) distilled from the
 10-step Euler roll-out of the flow, and a 2-member critic ensemble with LayerNorm plus its Polyak target.
 One update, all four losses from the same pre-update parameters, one Adam step on their sum (FQL Sec. 4):
     L = L_Q + L_flow + alpha * L_distill + L_q
 FINO changes two things:
-  1. L_flow is noise-injected flow matching (Eq. 7): the network sees x_t + eps_t, eps_t ~ N(0, alpha_t^2 I),
-     alpha_t^2 = (eta^2 - 2 eta) t^2 + 2 eta t, and regresses onto x1 - (1 - eta) x0 (eta = 0 is standard FM).
-     `--noise-schedule code` uses the official code's 0.1 exp(10 (t - 1)) input noise and target x1 - x0 instead.
+  1. L_flow is noise-injected flow matching. Default (the official code, which produced the paper's numbers): the
+     network sees x_t + 0.1 exp(10 (t - 1)) xi, xi ~ N(0, I), and regresses onto x1 - x0. `--noise-schedule paper`:
+     Eq. 7, x_t + eps_t, eps_t ~ N(0, alpha_t^2 I), alpha_t^2 = (eta^2 - 2 eta) t^2 + 2 eta t, target x1 - (1 - eta) x0.
+     eta = 0 is standard flow matching under either.
   2. Online, the action is one of K candidates of the one-step policy, drawn from softmax(beta Q / mean|Q|);
      evaluation takes the argmax. beta follows the entropy of the acting policy, estimated by a 3-component
      full-covariance Gaussian mixture fitted by EM: beta <- max(0, beta + 0.1 (H - H_target)), H_target = -A.
-Ablations of the paper (§3.8): w/o noise injection `--eta 0`; fixed temperature `--beta-lr 0`; noise injection only
-`--no-entropy-guidance`; FQL `--eta 0 --no-entropy-guidance`; the official noise `--noise-schedule code`.
+`--algo fql` is FQL as its paper ran it: eta 0, one stochastic one-step sample when acting and evaluating, no beta
+estimate, FQL's offline-to-online protocol and per-task flags. Ablations of the FINO paper: w/o noise injection
+`--eta 0`; fixed temperature `--beta-lr 0`; noise injection only `--no-entropy-guidance`.
 Protocol: offline steps on the dataset, then one env step and one update per online step, in one replay buffer
 pre-filled with the dataset. Spec: specs/fino.md (section numbers "§" below refer to it); "[ours]" marks choices
 the paper and the official code leave open.
 """
 
+import dataclasses
 import math
 import os
 import random
@@ -65,13 +68,15 @@ class Args:
     dataset_download: bool = False
     """allow downloading a missing Minari or OGBench dataset"""
 
-    # Protocol (FINO defaults, §3.6)
+    # Algorithm and protocol
+    algo: Literal["fino", "fql"] = "fino"
+    """`fino`: FINO as its official code runs it; `fql`: FQL as its paper runs it (eta 0, no guidance, no beta estimate, FQL's protocol and per-task table)"""
     offline_steps: int = 1_000_000
     """gradient steps on the offline data before any interaction"""
-    online_steps: int = 500_000
-    """environment steps of online fine-tuning, one gradient step each (UTD 1)"""
-    buffer_size: int = 1_500_000
-    """replay capacity; it holds max(this, N + 1) transitions, the dataset first, then a FIFO of online data (§2.1)"""
+    online_steps: int | None = None
+    """environment steps of online fine-tuning, one gradient step each (UTD 1); default 500k (fino) or 1M (fql)"""
+    buffer_size: int | None = None
+    """replay capacity; it holds max(this, N + 1) transitions, the dataset first, then a FIFO of online data; default 1.5M (fino) or 2M (fql)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
 
@@ -100,10 +105,10 @@ class Args:
     """scale L_q by 1 / mean|Q| (off in FQL's and FINO's runs)"""
 
     # FINO: noise-injected flow matching (§3.2)
-    noise_schedule: Literal["paper", "code"] = "paper"
-    """`paper`: Eq. 7 with eta; `code`: the official code's noise_scale * exp(10 (t - 1)) with target x1 - x0"""
-    eta: float = 0.1
-    """eta of Eq. 7; 0 turns noise injection off under either schedule: standard flow matching (FQL)"""
+    noise_schedule: Literal["code", "paper"] = "code"
+    """`code` (the official code, which produced the paper's numbers): input noise noise_scale * exp(10 (t - 1)), target x1 - x0; `paper`: Eq. 7 with eta"""
+    eta: float | None = None
+    """eta of Eq. 7 (paper schedule); 0 turns noise injection off under either schedule (standard flow matching); default 0.1 (fino) or 0 (fql)"""
     noise_scale: float = 0.1
     """scale of the code schedule's input noise (used when eta > 0)"""
 
@@ -134,24 +139,24 @@ class Args:
     """added to every covariance diagonal (scikit-learn's reg_covar)"""
 
     # Evaluation and logging
-    eval_every: int = 50_000
-    """evaluate every this many steps (offline and online), and at the end of each phase"""
+    eval_every: int | None = None
+    """evaluate every this many steps (offline and online), and at the end of each phase; default 50k (fino) or 100k (fql)"""
     eval_episodes: int = 50
     """episodes per evaluation"""
     log_every: int = 5_000
     """write losses and SPS to TensorBoard every this many steps"""
 
 
-PRESETS = {  # (alpha, gamma, q_agg) from FINO's README (§3.6); FQL's O2O flags agree except where noted
+FINO_TABLE = {  # (alpha, gamma, q_agg): the official FINO README's per-task flags
     "humanoidmaze-medium-navigate": (100.0, 0.995, "mean"),
     "humanoidmaze-large-navigate": (30.0, 0.995, "mean"),
     "antmaze-large-navigate": (10.0, 0.99, "min"),
     "antmaze-giant-navigate": (10.0, 0.995, "min"),
     "antsoccer-arena-navigate": (30.0, 0.995, "mean"),
-    "cube-single-play": (300.0, 0.99, "mean"),  # FQL offline table (§2.3)
+    "cube-single-play": (300.0, 0.99, "mean"),  # not in FINO's README: FQL's offline flags
     "cube-double-play": (300.0, 0.99, "mean"),
-    "scene-play": (300.0, 0.99, "mean"),  # FQL O2O table (§2.3)
-    "puzzle-3x3-play": (1000.0, 0.99, "mean"),  # FQL offline table (§2.3)
+    "scene-play": (300.0, 0.99, "mean"),  # not in FINO's README: FQL's offline-to-online flags
+    "puzzle-3x3-play": (1000.0, 0.99, "mean"),  # not in FINO's README: FQL's offline flags
     "puzzle-4x4-play": (1000.0, 0.99, "mean"),
     "antmaze-umaze": (10.0, 0.99, "mean"),  # D4RL antmaze (umaze, umaze-diverse)
     "antmaze-medium": (10.0, 0.99, "mean"),  # D4RL antmaze (medium-play, medium-diverse)
@@ -160,24 +165,89 @@ PRESETS = {  # (alpha, gamma, q_agg) from FINO's README (§3.6); FQL's O2O flags
     "pen-cloned": (1000.0, 0.99, "min"),
     "door-cloned": (1000.0, 0.99, "min"),
     "hammer-cloned": (1000.0, 0.99, "min"),
-    "relocate-cloned": (10000.0, 0.99, "mean"),  # FQL's O2O flags use min
+    "relocate-cloned": (10000.0, 0.99, "mean"),
 }
-DEFAULT_HYPERPARAMETERS = (10.0, 0.99, "mean")  # FQL defaults (§1.4)
+FQL_O2O_TABLE = {  # the official FQL README's offline-to-online flags
+    "humanoidmaze-medium-navigate": (100.0, 0.995, "mean"),
+    "antsoccer-arena-navigate": (30.0, 0.995, "mean"),
+    "cube-double-play": (300.0, 0.99, "mean"),
+    "scene-play": (300.0, 0.99, "mean"),
+    "puzzle-4x4-play": (1000.0, 0.99, "mean"),
+    "antmaze-umaze": (10.0, 0.99, "mean"),
+    "antmaze-medium": (10.0, 0.99, "mean"),
+    "antmaze-large-play": (3.0, 0.99, "mean"),
+    "antmaze-large-diverse": (3.0, 0.99, "mean"),
+    "pen-cloned": (1000.0, 0.99, "min"),
+    "door-cloned": (1000.0, 0.99, "min"),
+    "hammer-cloned": (1000.0, 0.99, "min"),
+    "relocate-cloned": (10000.0, 0.99, "min"),
+}
+FQL_OFFLINE_TABLE = {  # the official FQL README's offline flags (OGBench state-based, D4RL)
+    "antmaze-large-navigate": (10.0, 0.99, "min"),
+    "antmaze-giant-navigate": (10.0, 0.995, "min"),
+    "humanoidmaze-medium-navigate": (30.0, 0.995, "mean"),
+    "humanoidmaze-large-navigate": (30.0, 0.995, "mean"),
+    "antsoccer-arena-navigate": (10.0, 0.995, "mean"),
+    "cube-single-play": (300.0, 0.99, "mean"),
+    "cube-double-play": (300.0, 0.99, "mean"),
+    "scene-play": (300.0, 0.99, "mean"),
+    "puzzle-3x3-play": (1000.0, 0.99, "mean"),
+    "puzzle-4x4-play": (1000.0, 0.99, "mean"),
+    "antmaze-umaze": (10.0, 0.99, "mean"),
+    "antmaze-medium": (10.0, 0.99, "mean"),
+    "antmaze-large-play": (3.0, 0.99, "mean"),
+    "antmaze-large-diverse": (3.0, 0.99, "mean"),
+    "pen-human": (10000.0, 0.99, "min"),
+    "pen-cloned": (10000.0, 0.99, "min"),
+    "pen-expert": (3000.0, 0.99, "min"),
+    "door-": (30000.0, 0.99, "min"),  # door-human, -cloned, -expert
+    "hammer-human": (30000.0, 0.99, "min"),
+    "hammer-cloned": (10000.0, 0.99, "min"),
+    "hammer-expert": (30000.0, 0.99, "min"),
+    "relocate-human": (10000.0, 0.99, "min"),
+    "relocate-cloned": (30000.0, 0.99, "min"),
+    "relocate-expert": (30000.0, 0.99, "min"),
+}
+DEFAULT_HYPERPARAMETERS = (10.0, 0.99, "mean")  # FQL's defaults (official FQL code)
+PROTOCOLS = {  # (eta, online_steps, buffer_size, eval_every): the official FINO code; the FQL paper's O2O runs
+    "fino": (0.1, 500_000, 1_500_000, 50_000),
+    "fql": (0.0, 1_000_000, 2_000_000, 100_000),
+}
 
 
-def resolve_hyperparameters(args: Args) -> tuple[float, float, str]:
-    """alpha, gamma, q_agg: explicit flags win over the preset, the preset over FQL's defaults."""
+def preset_tables(args: Args) -> tuple[dict, ...]:
+    """The per-task tables --preset searches, in order: FINO's; FQL's offline-to-online flags (then its offline ones
+    for tasks it gives none); FQL's offline flags for offline-only runs (--online-steps 0)."""
+    if args.algo == "fino":
+        return (FINO_TABLE,)
+    return (FQL_OFFLINE_TABLE,) if args.online_steps == 0 else (FQL_O2O_TABLE, FQL_OFFLINE_TABLE)
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill every None-default flag: explicit flags win over --algo's protocol and the per-task preset, the preset
+    over FQL's defaults. `--algo fql` also turns entropy guidance off."""
+    eta, online_steps, buffer_size, eval_every = PROTOCOLS[args.algo]
+    args = dataclasses.replace(
+        args,
+        eta=eta if args.eta is None else args.eta,
+        online_steps=online_steps if args.online_steps is None else args.online_steps,
+        buffer_size=buffer_size if args.buffer_size is None else args.buffer_size,
+        eval_every=eval_every if args.eval_every is None else args.eval_every,
+        entropy_guidance=args.entropy_guidance and args.algo == "fino",
+    )
+    tables = preset_tables(args)
     name = args.dataset.lower().replace("/", "-").replace("_", "-")
     if args.preset == "auto":
-        preset = next((v for k, v in PRESETS.items() if k in name), DEFAULT_HYPERPARAMETERS)
+        preset = next((v for table in tables for k, v in table.items() if k in name), DEFAULT_HYPERPARAMETERS)
     elif args.preset == "none":
         preset = DEFAULT_HYPERPARAMETERS
-    elif args.preset in PRESETS:
-        preset = PRESETS[args.preset]
+    elif any(args.preset in table for table in tables):
+        preset = next(table[args.preset] for table in tables if args.preset in table)
     else:
-        raise SystemExit(f"error: unknown --preset '{args.preset}'; use auto, none or one of: {', '.join(PRESETS)}")
-    chosen = (args.alpha, args.gamma, args.q_agg)
-    return tuple(p if c is None else c for c, p in zip(chosen, preset))
+        keys = ", ".join(dict.fromkeys(k for table in tables for k in table))
+        raise SystemExit(f"error: unknown --preset '{args.preset}' for --algo {args.algo}; use auto, none or one of: {keys}")
+    alpha, gamma, q_agg = (p if c is None else c for c, p in zip((args.alpha, args.gamma, args.q_agg), preset))
+    return dataclasses.replace(args, alpha=alpha, gamma=gamma, q_agg=q_agg)
 
 
 def check_args(args: Args, num_candidates: int) -> None:
@@ -526,8 +596,8 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    alpha, gamma, q_agg = resolve_hyperparameters(args)
+    args = resolve_args(tyro.cli(Args))
+    alpha, gamma, q_agg = args.alpha, args.gamma, args.q_agg
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -649,7 +719,7 @@ if __name__ == "__main__":
 
             # ---- every beta_update_every online steps: GMM entropy of the acting policy, then beta (§3.5) ----
             online_step = global_step - args.offline_steps
-            if online and online_step % args.beta_update_every == 0:
+            if online and online_step % args.beta_update_every == 0 and args.algo == "fino":
                 states = batch["observations"][: args.entropy_states]  # the latest training batch's states
                 entropy = policy_entropy(
                     states, nets["onestep"], nets["critic"], act_dim, num_candidates, guided, beta, q_agg, args

@@ -24,6 +24,7 @@ from fino import (
     gmm_entropy_bound,
     noise_std,
     noisy_flow_pair,
+    resolve_args,
     select_candidates,
     update_beta,
 )
@@ -109,11 +110,20 @@ def test_eta_zero_is_standard_flow_matching_exactly():
 
 
 def test_code_schedule_is_the_official_one():
-    x0, x1, noise = torch.zeros(3, 1), torch.zeros(3, 1), torch.ones(3, 1)
+    """The official code: input (1 - t) x0 + t x1 + noise_scale exp(10 (t - 1)) xi, target x1 - x0 (no (1 - eta))."""
+    x0, x1, xi = torch.tensor([[0.5, -1.0]]).expand(3, 2), torch.tensor([[0.8, 0.3]]).expand(3, 2), torch.tensor([[1.0, -2.0]])
     t = torch.tensor([[0.0], [0.5], [1.0]])
-    noisy, target = noisy_flow_pair(x0, x1, t, noise, "code", 0.1, 0.1)
-    assert torch.allclose(noisy[:, 0], 0.1 * torch.exp(10 * (t[:, 0] - 1)))
-    assert torch.equal(target, x1 - x0)
+    noisy, target = noisy_flow_pair(x0, x1, t, xi.expand(3, 2), "code", 0.1, 0.2)
+    expected = (1 - t) * x0 + t * x1 + 0.2 * torch.exp(10 * (t - 1)) * xi
+    assert torch.allclose(noisy, expected, atol=1e-7)
+    assert torch.allclose(noisy[2], torch.tensor([0.8 + 0.2, 0.3 - 0.4]))  # at t = 1: x1 + noise_scale xi
+    assert torch.allclose(target, torch.tensor([[0.3, 1.3]]).expand(3, 2))  # x1 - x0 at every t
+
+
+def test_code_schedule_is_the_default():
+    assert Args().noise_schedule == "code"
+    fino = resolve_args(Args(dataset="antmaze-large-navigate-singletask-v0"))
+    assert (fino.eta, fino.noise_scale, fino.entropy_guidance) == (0.1, 0.1, True)
 
 
 # ---- GMM entropy (§3.5) ---------------------------------------------------------------------------------------------
@@ -226,6 +236,36 @@ def test_act_fino_picks_among_candidates_and_fql_takes_one_sample():
     assert not torch.allclose(a1, act(obs, onestep, critic, 2, 1, False, 10.0, "mean", greedy=True))
     # batched draws for the entropy estimate: leading dimensions are independent calls
     assert act(obs.expand(7, 5, 3), onestep, critic, 2, 4, True, 10.0, "min", greedy=False).shape == (7, 5, 2)
+
+
+# ---- --algo and the per-task tables ---------------------------------------------------------------------------------
+def test_algo_fql_is_fqls_own_protocol_and_per_task_flags():
+    fql = resolve_args(Args(dataset="D4RL/relocate/cloned-v2", algo="fql"))
+    assert (fql.eta, fql.entropy_guidance, fql.online_steps, fql.buffer_size, fql.eval_every) == (
+        0.0,
+        False,
+        10**6,
+        2 * 10**6,
+        10**5,
+    )
+    assert (fql.alpha, fql.gamma, fql.q_agg) == (10000.0, 0.99, "min")  # FQL's O2O flags: min
+    fino = resolve_args(Args(dataset="D4RL/relocate/cloned-v2"))
+    assert (fino.eta, fino.entropy_guidance, fino.online_steps, fino.buffer_size, fino.eval_every) == (
+        0.1,
+        True,
+        500_000,
+        1_500_000,
+        50_000,
+    )
+    assert (fino.alpha, fino.q_agg) == (10000.0, "mean")  # FINO's README: mean
+    offline = resolve_args(Args(dataset="D4RL/relocate/cloned-v2", algo="fql", online_steps=0))
+    assert (offline.alpha, offline.q_agg) == (30000.0, "min")  # FQL's offline table
+    ogbench = resolve_args(Args(dataset="humanoidmaze-medium-navigate-singletask-task2-v0", algo="fql"))
+    assert (ogbench.alpha, ogbench.gamma) == (100.0, 0.995)
+    assert resolve_args(Args(dataset="humanoidmaze-medium-navigate-singletask-v0", algo="fql", online_steps=0)).alpha == 30.0
+    # explicit flags win over --algo and the table
+    mine = resolve_args(Args(dataset="D4RL/relocate/cloned-v2", algo="fql", alpha=1.0, q_agg="mean", eta=0.2, eval_every=7))
+    assert (mine.alpha, mine.q_agg, mine.eta, mine.eval_every, mine.gamma) == (1.0, "mean", 0.2, 7, 0.99)
 
 
 # ---- FQL skeleton (§1) ----------------------------------------------------------------------------------------------
@@ -450,6 +490,16 @@ def test_smoke_fql_configuration(tmp_path, ogbench_dir):
     logged = scalars(run_dir)
     assert {v for _, v in logged["charts/beta"]} == {10.0}  # no guidance: beta is never updated
     assert "charts/entropy" in logged and "eval/success" in logged  # the one-step sampler's entropy is still logged
+
+
+def test_smoke_algo_fql_has_no_beta_estimate(tmp_path, ogbench_dir):
+    flags = ["--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--algo", "fql", "--offline-steps", "100"]
+    result = run_fino(tmp_path, *flags, "--online-steps", "100", "--eval-every", "100", "--beta-update-every", "50", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    logged = scalars(run_dir)
+    assert "charts/entropy" not in logged and {v for _, v in logged["charts/beta"]} == {10.0}
+    assert [s for s, _ in logged["eval/success"]] == [100, 200]
 
 
 def test_smoke_minari_offline_online(tmp_path):
