@@ -499,29 +499,43 @@ def noisy_flow_pair(
     return x_t + noise_scale * torch.exp(10.0 * (t - 1.0)) * noise, target_velocity(x0, x1)
 
 
+NOISE_KEYS = ("z_next", "x0", "t", "xi", "z")
+BATCH_KEYS = ReplayBuffer.KEYS + NOISE_KEYS
+
+
+def draw_noise(batch_size: int, act_dim: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The update's random inputs, drawn outside it (so the update is a deterministic function of its batch, and
+    --compile / --cudagraphs reproduce eager exactly) [ours]: z' of the TD target's next action, x0 ~ N(0, I),
+    t ~ U[0, 1) and the injected noise xi ~ N(0, I) of L_flow, z of L_distill and L_q."""
+    shape = (batch_size, act_dim)
+    z_next, x0 = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    t = torch.rand(batch_size, 1, device=device)
+    xi, z = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    return dict(z_next=z_next, x0=x0, t=t, xi=xi, z=z)
+
+
 def fql_losses(batch: dict, nets: nn.ModuleDict, target_critic: CriticEnsemble, args: Args) -> dict[str, torch.Tensor]:
     """L_Q, L_flow, L_distill and L_q from one parameter snapshot (official FQL code; L_flow: FINO's noise injection).
-    Each loss reaches only its own network. `args` holds the resolved alpha, gamma and q_agg."""
+    Each loss reaches only its own network. `batch` holds BATCH_KEYS; `args` the resolved alpha, gamma and q_agg."""
     obs, actions = batch["observations"], batch["actions"]
     critic, flow, onestep = nets["critic"], nets["flow"], nets["onestep"]
     # L_Q: y = r + gamma * mask * agg_k Qbar_k(s', clip(mu(s', z'))); the mask is 0 only at termination
     with torch.no_grad():
-        next_actions = onestep(batch["next_observations"], torch.randn_like(actions)).clamp(-1.0, 1.0)
+        next_actions = onestep(batch["next_observations"], batch["z_next"]).clamp(-1.0, 1.0)
         next_q = aggregate(target_critic(batch["next_observations"], next_actions), args.q_agg)
         target_q = batch["rewards"] + args.gamma * batch["masks"] * next_q
     q = critic(obs, actions)
     qf_loss = (q - target_q).pow(2).mean()
 
     # L_flow: noise-injected flow matching; eta = 0 is FQL's standard loss
-    x0 = torch.randn_like(actions)
-    t = torch.rand(actions.shape[0], 1, device=actions.device)
+    t = batch["t"]
     flow_input, flow_target = noisy_flow_pair(
-        x0, actions, t, torch.randn_like(actions), args.noise_schedule, args.eta, args.noise_scale
+        batch["x0"], actions, t, batch["xi"], args.noise_schedule, args.eta, args.noise_scale
     )
     flow_loss = (flow(obs, flow_input, t) - flow_target).pow(2).mean()
 
     # L_distill (Eq. 5): the one-step policy regresses onto the clipped Euler roll-out of the (stop-gradient) flow
-    z = torch.randn_like(actions)
+    z = batch["z"]
     with torch.no_grad():
         distill_target = euler_sample(lambda x, tt: flow(obs, x, tt), z, args.flow_steps).clamp(-1.0, 1.0)
     policy_actions = onestep(obs, z)
@@ -545,19 +559,12 @@ def fql_losses(batch: dict, nets: nn.ModuleDict, target_critic: CriticEnsemble, 
 
 
 def update(
-    obs: torch.Tensor,
-    actions: torch.Tensor,
-    rewards: torch.Tensor,
-    next_obs: torch.Tensor,
-    masks: torch.Tensor,
-    nets: nn.ModuleDict,
-    target_critic: CriticEnsemble,
-    optimizer: torch.optim.Optimizer,
-    args: Args,
+    nets: nn.ModuleDict, target_critic: CriticEnsemble, optimizer: torch.optim.Optimizer, args: Args, *batch: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """One update: the summed loss from one parameter snapshot, one Adam step, and the Polyak update from the pre-step
-    critic, phi_bar <- tau phi + (1 - tau) phi_bar (official FQL code). Returns detached metrics."""
-    batch = dict(observations=obs, actions=actions, rewards=rewards, next_observations=next_obs, masks=masks)
+    """One update on `batch` (the tensors of BATCH_KEYS, in order): the summed loss from one parameter snapshot, one
+    Adam step, and the Polyak update from the pre-step critic, phi_bar <- tau phi + (1 - tau) phi_bar (official FQL
+    code). Returns detached metrics."""
+    batch = dict(zip(BATCH_KEYS, batch))
     losses = fql_losses(batch, nets, target_critic, args)
     optimizer.zero_grad(set_to_none=True)
     losses["total_loss"].backward()
@@ -577,7 +584,9 @@ def validation_metrics(validation, nets: nn.ModuleDict, target_critic: CriticEns
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        losses = fql_losses(validation.sample(args.batch_size), nets, target_critic, args)
+        batch = validation.sample(args.batch_size)
+        batch.update(draw_noise(args.batch_size, validation.act_dim, validation.observations.device))
+        losses = fql_losses(batch, nets, target_critic, args)
     return {f"val/{name}": value for name, value in losses.items()}
 
 
@@ -766,6 +775,13 @@ def load_checkpoint(path: str, script: str, device: torch.device) -> dict:
     return state
 
 
+def compiled(fn):
+    """torch.compile(fn), with inductor's random ops falling back to eager's generator so that --compile draws the
+    same numbers as eager from the same seed [ours]."""
+    torch._inductor.config.fallback_random = True
+    return torch.compile(fn)
+
+
 class CudaGraphStep:
     """--cudagraphs: runs `fn` eagerly for `warmup` calls (real steps, on a side stream, so the allocator, cuBLAS and
     the optimizers' state settle), then captures one call in a CUDA graph and from then on replays it: the tensor
@@ -872,16 +888,10 @@ if __name__ == "__main__":
             ) from None
         beta.fill_(float(saved["beta"]))
         start_step = saved["global_step"] + 1
-    update_step = functools.partial(
-        torch.compile(update) if args.compile else update,
-        nets=nets,
-        target_critic=target_critic,
-        optimizer=optimizer,
-        args=args,
-    )
+    update_step = functools.partial(compiled(update) if args.compile else update, nets, target_critic, optimizer, args)
     if args.cudagraphs:
         update_step = CudaGraphStep(update_step)
-    act_fn = torch.compile(act) if args.compile else act
+    act_fn = compiled(act) if args.compile else act
 
     def policy(obs: np.ndarray, greedy: bool) -> np.ndarray:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(1, obs_dim)
@@ -924,8 +934,8 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
                     obs, _ = env.reset()
             # ALGO LOGIC: one update on a uniform batch of the buffer
-            batch = buffer.sample(args.batch_size)
-            metrics = update_step(*(batch[key] for key in ReplayBuffer.KEYS))
+            batch = {**buffer.sample(args.batch_size), **draw_noise(args.batch_size, act_dim, device)}
+            metrics = update_step(*(batch[key] for key in BATCH_KEYS))
             record_nonfinite(metrics, global_step, first_bad)
             if global_step == clock_step:
                 clock_start, excluded = time.time(), 0.0

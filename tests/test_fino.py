@@ -16,6 +16,7 @@ from fino import (
     ReplayBuffer,
     act,
     check_args,
+    draw_noise,
     fit_gmm,
     fql_losses,
     gmm_entropy_bound,
@@ -126,7 +127,7 @@ def test_code_schedule_is_the_default():
     assert (fino.eta, fino.noise_scale, fino.entropy_guidance) == (0.1, 0.1, True)
 
 
-# ---- GMM entropy (§3.5) ---------------------------------------------------------------------------------------------
+# ---- GMM entropy ---------------------------------------------------------------------------------------------
 def gaussian_entropy(cov: torch.Tensor) -> float:
     d = cov.shape[-1]
     return 0.5 * d * (1 + math.log(2 * math.pi)) + 0.5 * torch.logdet(cov).item()
@@ -189,7 +190,7 @@ def test_gmm_covariances_stay_positive_definite_on_degenerate_samples():
     assert h[2] < h[3] < gaussian_entropy(torch.eye(3, dtype=torch.float64))  # collapsed samples: very low entropy
 
 
-# ---- beta update and candidate selection (§3.4, §3.5) ---------------------------------------------------------------
+# ---- beta update and candidate selection ---------------------------------------------------------------
 def test_beta_update_moves_in_the_right_direction_on_both_sides_of_the_target():
     target, t = -2.0, torch.tensor
     assert update_beta(t(10.0), t(-1.0), target, 0.1).item() == pytest.approx(10.1)  # entropy above target: greedier
@@ -268,7 +269,7 @@ def test_algo_fql_is_fqls_own_protocol_and_per_task_flags():
     assert (mine.alpha, mine.q_agg, mine.eta, mine.eval_every, mine.gamma) == (1.0, "mean", 0.2, 7, 0.99)
 
 
-# ---- FQL skeleton (§1) ----------------------------------------------------------------------------------------------
+# ---- FQL skeleton ----------------------------------------------------------------------------------------------
 def test_critic_ensemble_equals_independent_layernorm_mlps():
     torch.manual_seed(0)
     critic = make_critic(3, 2, Args(hidden_dim=8, num_layers=2, num_critics=2))
@@ -301,6 +302,7 @@ def tiny_setup(seed=0):
         rewards=-torch.rand(32),
         next_observations=torch.randn(32, 3),
         masks=torch.ones(32),
+        **draw_noise(32, 2, torch.device("cpu")),
     )
     return nets, target, batch
 
