@@ -28,7 +28,7 @@ from fino import (
     select_candidates,
     update_beta,
 )
-from tests.conftest import assert_one_line_error, run_dirs, run_script, scalars
+from tests.conftest import ROOT, assert_one_line_error, run_dirs, run_script, scalars
 from tests.fixtures import write_minari_dataset, write_ogbench_dataset
 
 TINY_NETS = Args(hidden_dim=16, num_layers=2, num_critics=2)
@@ -617,3 +617,52 @@ def test_bad_input_ends_with_one_line(tmp_path, ogbench_dir, bad_checkpoints, fl
     if "became non-finite" in fragment:  # stopped at the first log step, before writing its metrics
         (run_dir,) = run_dirs(tmp_path)
         assert "losses/qf_loss" not in scalars(run_dir)
+
+
+VALIDATION_WRAPPER = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+import common.datasets as datasets
+
+load = datasets.load_dataset
+
+
+def load_with_validation(*args, **kwargs):  # a held-out split made by hand: the first 100 rows
+    data = load(*args, **kwargs)
+    rows = {{k: getattr(data, k)[:100] for k in datasets.TRANSITION_KEYS}}
+    data.validation = datasets.OfflineData(**rows, name="val", metric=data.metric, make_env=data.make_env)
+    return data
+
+
+datasets.load_dataset = load_with_validation
+sys.argv = ["fino.py", *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_eval_episodes_and_validation_do_not_touch_the_training_losses(tmp_path, ogbench_dir):
+    """Three runs that differ only in --eval-episodes (1, 2) and in a validation split: identical training curves;
+    the run with the split logs val/<loss> at every log step."""
+    flags = ["--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--offline-steps", "100", "--online-steps", "100"]
+    flags += ["--eval-every", "100", "--beta-update-every", "50", "--num-candidates", "2", *TINY]
+    logs = []
+    for name, extra in (("one", ["--eval-episodes", "1"]), ("two", ["--eval-episodes", "2"]), ("val", [])):
+        (tmp_path / name).mkdir()
+        if name == "val":
+            wrapper = tmp_path / "with_validation.py"
+            wrapper.write_text(VALIDATION_WRAPPER.format(root=ROOT, script=os.path.join(ROOT, "fino.py")))
+            result = run_script(tmp_path / name, str(wrapper), *flags, *extra)
+        else:
+            result = run_fino(tmp_path / name, *flags, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        (run_dir,) = run_dirs(tmp_path / name)
+        logs.append(scalars(run_dir))
+    one, two, val = logs
+    training = [tag for tag in one if tag.startswith("losses/")] + ["charts/beta", "charts/entropy"]
+    assert len(training) == 8 and len(one["losses/qf_loss"]) == 4
+    for tag in training:
+        assert one[tag] == two[tag] == val[tag], tag
+    assert [s for s, _ in one["eval/episodic_return"]] == [s for s, _ in two["eval/episodic_return"]] == [100, 200]
+    for tag in ("qf_loss", "qf_values", "flow_loss", "distill_loss", "actor_q_loss", "total_loss"):
+        assert [s for s, _ in val[f"val/{tag}"]] == [50, 100, 150, 200]
+        assert f"val/{tag}" not in one
