@@ -29,7 +29,7 @@ from fino import (
     update_beta,
 )
 from tests.conftest import ROOT, assert_one_line_error, run_dirs, run_script, scalars
-from tests.fixtures import write_minari_dataset, write_ogbench_dataset
+from tests.fixtures import write_d4rl_file, write_minari_dataset, write_ogbench_dataset
 
 TINY_NETS = Args(hidden_dim=16, num_layers=2, num_critics=2)
 TS = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
@@ -666,3 +666,14 @@ def test_eval_episodes_and_validation_do_not_touch_the_training_losses(tmp_path,
     for tag in ("qf_loss", "qf_values", "flow_loss", "distill_loss", "actor_q_loss", "total_loss"):
         assert [s for s, _ in val[f"val/{tag}"]] == [50, 100, 150, 200]
         assert f"val/{tag}" not in one
+
+
+def test_file_dataset_run_is_named_after_the_files_base_name(tmp_path):
+    path = str(tmp_path / "pendulum-random.npz")
+    write_d4rl_file(path, "Pendulum-v1", num_episodes=2, max_steps=30)
+    flags = ["--dataset", path, "--env-id", "Pendulum-v1", "--dataset-source", "file", "--d4rl-name", "pendulum-random"]
+    result = run_fino(tmp_path, *flags, "--algo", "fql", "--offline-steps", "50", "--online-steps", "0", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = run_dirs(tmp_path)
+    assert os.path.basename(run_dir).startswith("pendulum-random__fino__1__")
+    assert "eval/episodic_return" in scalars(run_dir)
