@@ -206,3 +206,25 @@ def test_compile_matches_eager_fino():
     for a, b in zip(eager_params, compiled_params):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert not torch.equal(eager_params[0], setup(batch_size=16)[0]["critic"].weights[0])  # the step moved the critic
+
+
+# ---- the update: one Adam step on the sum, Polyak from the pre-step critic ------------------------------------------
+def test_update_polyak_averages_the_pre_step_critic_and_steps_every_network_once():
+    nets, target, batch = setup()
+    with torch.no_grad():  # a target that differs from the critic
+        for p in target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    args = loss_args(tau=0.3)
+    critic_before = [p.detach().clone() for p in nets["critic"].parameters()]
+    target_before = [p.detach().clone() for p in target.parameters()]
+    all_before = [p.detach().clone() for p in nets.parameters()]
+    optimizer = torch.optim.Adam(nets.parameters(), lr=1e-2)
+    metrics = update(nets, target, optimizer, args, *(batch[k] for k in BATCH_KEYS))
+    for new, old_target, old_critic in zip(target.parameters(), target_before, critic_before):
+        assert torch.allclose(new, 0.7 * old_target + 0.3 * old_critic, atol=1e-6)
+    # Adam's first step moves every parameter with a non-zero gradient by lr (its first update is lr * sign(grad))
+    moved = [(p - b).abs().max().item() for p, b in zip(nets.parameters(), all_before)]
+    assert max(moved) == pytest.approx(1e-2, rel=1e-3) and all(m > 0 for m in moved)
+    assert all(not v.requires_grad for v in metrics.values()) and set(metrics) == {
+        f"losses/{k}" for k in ("qf_loss", "qf_values", "flow_loss", "distill_loss", "actor_q_loss", "total_loss")
+    }
