@@ -21,6 +21,8 @@ beta estimate, FQL's offline-to-online protocol and per-task flags. Ablations of
 `--eta 0`; fixed temperature `--beta-lr 0`; noise injection only `--no-entropy-guidance`.
 Protocol: offline updates on the dataset, then one env step and one update per online step, in one replay buffer
 pre-filled with the dataset. "[ours]" marks choices that neither the papers nor the official code make.
+Speed: the update's random inputs are drawn outside it (draw_noise) [ours], so it is a deterministic function of its
+batch: `--compile` compiles it and acting; `--cudagraphs` replays the update (not acting) as a CUDA graph.
 """
 
 import dataclasses
