@@ -1,24 +1,32 @@
 """FINO: Flow matching with Injected Noise for Offline-to-online RL (Shin et al., ICLR 2026, arXiv:2602.18117),
-on the FQL skeleton (Park et al., arXiv:2502.02538); FQL itself is the configuration `--eta 0 --no-entropy-guidance`.
+on the FQL skeleton (Park et al., Flow Q-Learning, arXiv:2502.02538); FQL itself is `--algo fql`.
 
-Networks (FQL): a BC flow velocity field v_theta(s, x, t), a one-step policy mu_omega(s, z) distilled from the
-10-step Euler roll-out of the flow, and a 2-member critic ensemble with LayerNorm plus its Polyak target.
-One update, all four losses from the same pre-update parameters, one Adam step on their sum (FQL Sec. 4):
+Networks (FQL paper, Sec. 4): a BC flow velocity field v_theta(s, x, t), a one-step policy mu_omega(s, z) distilled
+from the 10-step Euler roll-out of the flow (FINO paper, Eq. 5), and a 2-member critic ensemble with LayerNorm plus
+its Polyak target. One update computes all four losses from the same pre-update parameters and takes one Adam step
+on their sum (official FQL code):
     L = L_Q + L_flow + alpha * L_distill + L_q
 FINO changes two things:
-  1. L_flow is noise-injected flow matching (Eq. 7): the network sees x_t + eps_t, eps_t ~ N(0, alpha_t^2 I),
-     alpha_t^2 = (eta^2 - 2 eta) t^2 + 2 eta t, and regresses onto x1 - (1 - eta) x0 (eta = 0 is standard FM).
-     `--noise-schedule code` uses the official code's 0.1 exp(10 (t - 1)) input noise and target x1 - x0 instead.
-  2. Online, the action is one of K candidates of the one-step policy, drawn from softmax(beta Q / mean|Q|);
-     evaluation takes the argmax. beta follows the entropy of the acting policy, estimated by a 3-component
-     full-covariance Gaussian mixture fitted by EM: beta <- max(0, beta + 0.1 (H - H_target)), H_target = -A.
-Ablations of the paper (§3.8): w/o noise injection `--eta 0`; fixed temperature `--beta-lr 0`; noise injection only
-`--no-entropy-guidance`; FQL `--eta 0 --no-entropy-guidance`; the official noise `--noise-schedule code`.
-Protocol: offline steps on the dataset, then one env step and one update per online step, in one replay buffer
-pre-filled with the dataset. Spec: specs/fino.md (section numbers "§" below refer to it); "[ours]" marks choices
-the paper and the official code leave open.
+  1. L_flow is noise-injected flow matching. Default (the official FINO code, which produced the paper's numbers):
+     the network sees x_t + 0.1 exp(10 (t - 1)) xi, xi ~ N(0, I), and regresses onto x1 - x0.
+     `--noise-schedule paper`: Eq. 7, x_t + eps_t, eps_t ~ N(0, alpha_t^2 I), alpha_t^2 = (eta^2 - 2 eta) t^2 + 2 eta t,
+     target x1 - (1 - eta) x0 (Thm. 2: the marginal variance is never below standard FM's; Prop. 1).
+     eta = 0 is standard flow matching under either schedule.
+  2. Entropy-guided sampling: online, the action is one of K = min(10, ceil(A / 2)) candidates of the one-step
+     policy, drawn from softmax(beta Q / mean|Q|); evaluation takes the argmax. beta follows the entropy of the acting
+     policy, estimated from a 3-component full-covariance Gaussian mixture fitted by EM:
+     beta <- max(0, beta + 0.1 (H - H_target)), H_target = -A (the official code's sign, normaliser, cap and constants).
+`--algo fql` is FQL as its paper ran it: eta 0, one stochastic one-step sample when acting and when evaluating, no
+beta estimate, FQL's offline-to-online protocol and per-task flags. Ablations of the FINO paper: w/o noise injection
+`--eta 0`; fixed temperature `--beta-lr 0`; noise injection only `--no-entropy-guidance`.
+Protocol: offline updates on the dataset, then one env step and one update per online step, in one replay buffer
+pre-filled with the dataset. "[ours]" marks choices that neither the papers nor the official code make.
+Speed: the update's random inputs are drawn outside it (draw_noise) [ours], so it is a deterministic function of its
+batch: `--compile` compiles it and acting; `--cudagraphs` replays the update (not acting) as a CUDA graph.
 """
 
+import dataclasses
+import functools
 import math
 import os
 import random
@@ -26,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -34,7 +43,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.datasets import is_ogbench_name, load_dataset
+from common.datasets import FILE_SUFFIXES, is_ogbench_name, load_dataset
 from common.flow import euler_sample, interpolate, target_velocity
 
 
@@ -48,15 +57,19 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    compile: bool = False
+    """if toggled, `torch.compile` the update functions and acting: same results, faster after a start-up cost"""
+    cudagraphs: bool = False
+    """if toggled, replay the update functions and acting as CUDA graphs (needs CUDA; combines with --compile)"""
     save_model: bool = False
-    """save networks, optimizer, beta and step to `runs/{run_name}/{exp_name}_offline.pt` after the offline phase and `{exp_name}.pt` at every evaluation and at the end"""
+    """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on Ctrl-C"""
     load_model: str | None = None
-    """a checkpoint written by --save-model: restore it and continue from its step (an `_offline.pt` file starts the online phase)"""
+    """a checkpoint of fino.py: restore it and continue from its step (--save-model also writes `{exp_name}_offline.pt` at the end of the offline phase: loading it runs the online phase)"""
 
     # Data and environment
     dataset: str = "antmaze-large-navigate-singletask-v0"
-    """dataset name: OGBench (e.g. `cube-double-play-singletask-v0`) or Minari/D4RL (e.g. `D4RL/antmaze/large-play-v1`)"""
-    source: Literal["auto", "ogbench", "minari", "file"] = "auto"
+    """dataset name: OGBench (e.g. `cube-double-play-singletask-v0`), Minari/D4RL (e.g. `D4RL/antmaze/large-play-v1`) or a file"""
+    dataset_source: Literal["auto", "ogbench", "minari", "file"] = "auto"
     """where the dataset comes from (`auto` guesses from the name; `file`: a D4RL-layout .npz/.hdf5 with --env-id)"""
     dataset_dir: str | None = None
     """folder holding the dataset files (default: the library's own cache)"""
@@ -64,26 +77,30 @@ class Args:
     """environment id for online steps and evaluation of a dataset file (Minari and OGBench bring their own)"""
     dataset_download: bool = False
     """allow downloading a missing Minari or OGBench dataset"""
+    d4rl_name: str | None = None
+    """the D4RL dataset whose reference scores normalize a file dataset's returns (default: the file's base name when it is a D4RL name)"""
 
-    # Protocol (FINO defaults, §3.6)
+    # Algorithm and protocol
+    algo: Literal["fino", "fql"] = "fino"
+    """`fino`: FINO as its official code runs it; `fql`: FQL as its paper runs it (eta 0, no guidance, no beta estimate, FQL's protocol and per-task table)"""
     offline_steps: int = 1_000_000
     """gradient steps on the offline data before any interaction"""
-    online_steps: int = 500_000
-    """environment steps of online fine-tuning, one gradient step each (UTD 1)"""
-    buffer_size: int = 1_500_000
-    """replay capacity; it holds max(this, N + 1) transitions, the dataset first, then a FIFO of online data (§2.1)"""
+    online_steps: int | None = None
+    """environment steps of online fine-tuning, one gradient step each (UTD 1); default 500k (fino) or 1M (fql)"""
+    buffer_size: int | None = None
+    """replay capacity; it holds max(this, N + 1) transitions, the dataset first, then a FIFO of online data; default 1.5M (fino) or 2M (fql)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
 
-    # FQL skeleton (§1)
+    # The FQL skeleton
     preset: str = "auto"
-    """per-task alpha / gamma / q_agg from PRESETS: `auto` (first key contained in --dataset), a key, or `none`"""
+    """per-task alpha / gamma / q_agg: `auto` (the first table key contained in --dataset or --d4rl-name), a key, or `none`"""
     alpha: float | None = None
     """distillation coefficient alpha (weights L_distill); default: from --preset, else 10"""
     gamma: float | None = None
     """the discount factor gamma; default: from --preset, else 0.99"""
     q_agg: Literal["mean", "min"] | None = None
-    """ensemble aggregation in the TD target and the candidate scores; default: from --preset, else mean"""
+    """ensemble aggregation in the TD target and the candidate scores (the actor's L_q always averages); default: from --preset, else mean"""
     learning_rate: float = 3e-4
     """Adam learning rate of all networks (one optimizer)"""
     tau: float = 0.005
@@ -99,17 +116,17 @@ class Args:
     normalize_q_loss: bool = False
     """scale L_q by 1 / mean|Q| (off in FQL's and FINO's runs)"""
 
-    # FINO: noise-injected flow matching (§3.2)
-    noise_schedule: Literal["paper", "code"] = "paper"
-    """`paper`: Eq. 7 with eta; `code`: the official code's noise_scale * exp(10 (t - 1)) with target x1 - x0"""
-    eta: float = 0.1
-    """eta of Eq. 7; 0 turns noise injection off under either schedule: standard flow matching (FQL)"""
+    # FINO: noise-injected flow matching
+    noise_schedule: Literal["code", "paper"] = "code"
+    """`code` (the official code, which produced the paper's numbers): input noise noise_scale * exp(10 (t - 1)), target x1 - x0; `paper`: Eq. 7 with eta"""
+    eta: float | None = None
+    """eta of Eq. 7 (paper schedule); 0 turns noise injection off under either schedule (standard flow matching); default 0.1 (fino) or 0 (fql)"""
     noise_scale: float = 0.1
     """scale of the code schedule's input noise (used when eta > 0)"""
 
-    # FINO: entropy-guided sampling (§3.4, §3.5)
+    # FINO: entropy-guided sampling
     entropy_guidance: bool = True
-    """act with softmax(beta Q) over K candidates and evaluate with their argmax; off: one one-step sample for both (FQL)"""
+    """act with softmax(beta Q) over K candidates and evaluate with their argmax; off (and under --algo fql): one one-step sample for both"""
     num_candidates: int | None = None
     """K candidates per state; default min(10, ceil(A / 2))"""
     beta: float = 10.0
@@ -119,7 +136,7 @@ class Args:
     target_entropy: float | None = None
     """target entropy H-bar in nats; default -A"""
     beta_update_every: int = 50_000
-    """estimate the entropy (and update beta) every this many online steps"""
+    """estimate the entropy (and update beta) every this many online steps (--algo fino)"""
     entropy_states: int = 256
     """states (from the latest training batch) at which the entropy is estimated"""
     entropy_samples: int = 200
@@ -134,24 +151,24 @@ class Args:
     """added to every covariance diagonal (scikit-learn's reg_covar)"""
 
     # Evaluation and logging
-    eval_every: int = 50_000
-    """evaluate every this many steps (offline and online), and at the end of each phase"""
+    eval_every: int | None = None
+    """evaluate every this many steps (offline and online), and at the end of each phase; default 50k (fino) or 100k (fql)"""
     eval_episodes: int = 50
     """episodes per evaluation"""
     log_every: int = 5_000
     """write losses and SPS to TensorBoard every this many steps"""
 
 
-PRESETS = {  # (alpha, gamma, q_agg) from FINO's README (§3.6); FQL's O2O flags agree except where noted
+FINO_TABLE = {  # (alpha, gamma, q_agg): the official FINO README's per-task flags
     "humanoidmaze-medium-navigate": (100.0, 0.995, "mean"),
     "humanoidmaze-large-navigate": (30.0, 0.995, "mean"),
     "antmaze-large-navigate": (10.0, 0.99, "min"),
     "antmaze-giant-navigate": (10.0, 0.995, "min"),
     "antsoccer-arena-navigate": (30.0, 0.995, "mean"),
-    "cube-single-play": (300.0, 0.99, "mean"),  # FQL offline table (§2.3)
+    "cube-single-play": (300.0, 0.99, "mean"),  # not in FINO's README: FQL's offline flags
     "cube-double-play": (300.0, 0.99, "mean"),
-    "scene-play": (300.0, 0.99, "mean"),  # FQL O2O table (§2.3)
-    "puzzle-3x3-play": (1000.0, 0.99, "mean"),  # FQL offline table (§2.3)
+    "scene-play": (300.0, 0.99, "mean"),  # not in FINO's README: FQL's offline-to-online flags
+    "puzzle-3x3-play": (1000.0, 0.99, "mean"),  # not in FINO's README: FQL's offline flags
     "puzzle-4x4-play": (1000.0, 0.99, "mean"),
     "antmaze-umaze": (10.0, 0.99, "mean"),  # D4RL antmaze (umaze, umaze-diverse)
     "antmaze-medium": (10.0, 0.99, "mean"),  # D4RL antmaze (medium-play, medium-diverse)
@@ -160,67 +177,230 @@ PRESETS = {  # (alpha, gamma, q_agg) from FINO's README (§3.6); FQL's O2O flags
     "pen-cloned": (1000.0, 0.99, "min"),
     "door-cloned": (1000.0, 0.99, "min"),
     "hammer-cloned": (1000.0, 0.99, "min"),
-    "relocate-cloned": (10000.0, 0.99, "mean"),  # FQL's O2O flags use min
+    "relocate-cloned": (10000.0, 0.99, "mean"),
 }
-DEFAULT_HYPERPARAMETERS = (10.0, 0.99, "mean")  # FQL defaults (§1.4)
+FQL_O2O_TABLE = {  # the official FQL README's offline-to-online flags
+    "humanoidmaze-medium-navigate": (100.0, 0.995, "mean"),
+    "antsoccer-arena-navigate": (30.0, 0.995, "mean"),
+    "cube-double-play": (300.0, 0.99, "mean"),
+    "scene-play": (300.0, 0.99, "mean"),
+    "puzzle-4x4-play": (1000.0, 0.99, "mean"),
+    "antmaze-umaze": (10.0, 0.99, "mean"),
+    "antmaze-medium": (10.0, 0.99, "mean"),
+    "antmaze-large-play": (3.0, 0.99, "mean"),
+    "antmaze-large-diverse": (3.0, 0.99, "mean"),
+    "pen-cloned": (1000.0, 0.99, "min"),
+    "door-cloned": (1000.0, 0.99, "min"),
+    "hammer-cloned": (1000.0, 0.99, "min"),
+    "relocate-cloned": (10000.0, 0.99, "min"),
+}
+FQL_OFFLINE_TABLE = {  # the official FQL README's offline flags (OGBench state-based, D4RL)
+    "antmaze-large-navigate": (10.0, 0.99, "min"),
+    "antmaze-giant-navigate": (10.0, 0.995, "min"),
+    "humanoidmaze-medium-navigate": (30.0, 0.995, "mean"),
+    "humanoidmaze-large-navigate": (30.0, 0.995, "mean"),
+    "antsoccer-arena-navigate": (10.0, 0.995, "mean"),
+    "cube-single-play": (300.0, 0.99, "mean"),
+    "cube-double-play": (300.0, 0.99, "mean"),
+    "scene-play": (300.0, 0.99, "mean"),
+    "puzzle-3x3-play": (1000.0, 0.99, "mean"),
+    "puzzle-4x4-play": (1000.0, 0.99, "mean"),
+    "antmaze-umaze": (10.0, 0.99, "mean"),
+    "antmaze-medium": (10.0, 0.99, "mean"),
+    "antmaze-large-play": (3.0, 0.99, "mean"),
+    "antmaze-large-diverse": (3.0, 0.99, "mean"),
+    "pen-human": (10000.0, 0.99, "min"),
+    "pen-cloned": (10000.0, 0.99, "min"),
+    "pen-expert": (3000.0, 0.99, "min"),
+    "door-": (30000.0, 0.99, "min"),  # door-human, -cloned, -expert
+    "hammer-human": (30000.0, 0.99, "min"),
+    "hammer-cloned": (10000.0, 0.99, "min"),
+    "hammer-expert": (30000.0, 0.99, "min"),
+    "relocate-human": (10000.0, 0.99, "min"),
+    "relocate-cloned": (30000.0, 0.99, "min"),
+    "relocate-expert": (30000.0, 0.99, "min"),
+}
+DEFAULT_HYPERPARAMETERS = (10.0, 0.99, "mean")  # FQL's defaults (official FQL code)
+PROTOCOLS = {  # (eta, online_steps, buffer_size, eval_every): the official FINO code; the FQL paper's O2O runs
+    "fino": (0.1, 500_000, 1_500_000, 50_000),
+    "fql": (0.0, 1_000_000, 2_000_000, 100_000),
+}
 
 
-def resolve_hyperparameters(args: Args) -> tuple[float, float, str]:
-    """alpha, gamma, q_agg: explicit flags win over the preset, the preset over FQL's defaults."""
-    name = args.dataset.lower().replace("/", "-").replace("_", "-")
+PROTOCOLS = {  # (eta, online_steps, buffer_size, eval_every): the official FINO code; the FQL paper's O2O runs
+    "fino": (0.1, 500_000, 1_500_000, 50_000),
+    "fql": (0.0, 1_000_000, 2_000_000, 100_000),
+}
+
+
+def preset_tables(args: Args) -> tuple[dict, ...]:
+    """The per-task tables --preset searches, in order: FINO's; FQL's offline-to-online flags (then its offline ones
+    for tasks it gives none); FQL's offline flags for offline-only runs (--online-steps 0)."""
+    if args.algo == "fino":
+        return (FINO_TABLE,)
+    return (FQL_OFFLINE_TABLE,) if args.online_steps == 0 else (FQL_O2O_TABLE, FQL_OFFLINE_TABLE)
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill every None-default flag: explicit flags win over --algo's protocol and the per-task preset, the preset
+    over FQL's defaults. `--algo fql` also turns entropy guidance off."""
+    eta, online_steps, buffer_size, eval_every = PROTOCOLS[args.algo]
+    args = dataclasses.replace(
+        args,
+        eta=eta if args.eta is None else args.eta,
+        online_steps=online_steps if args.online_steps is None else args.online_steps,
+        buffer_size=buffer_size if args.buffer_size is None else args.buffer_size,
+        eval_every=eval_every if args.eval_every is None else args.eval_every,
+        entropy_guidance=args.entropy_guidance and args.algo == "fino",
+    )
+    tables = preset_tables(args)
+    name = f"{args.dataset} {args.d4rl_name or ''}".lower().replace("/", "-").replace("_", "-")
     if args.preset == "auto":
-        preset = next((v for k, v in PRESETS.items() if k in name), DEFAULT_HYPERPARAMETERS)
+        preset = next((v for table in tables for k, v in table.items() if k in name), DEFAULT_HYPERPARAMETERS)
     elif args.preset == "none":
         preset = DEFAULT_HYPERPARAMETERS
-    elif args.preset in PRESETS:
-        preset = PRESETS[args.preset]
+    elif any(args.preset in table for table in tables):
+        preset = next(table[args.preset] for table in tables if args.preset in table)
     else:
-        raise SystemExit(f"error: unknown --preset '{args.preset}'; use auto, none or one of: {', '.join(PRESETS)}")
-    chosen = (args.alpha, args.gamma, args.q_agg)
-    return tuple(p if c is None else c for c, p in zip(chosen, preset))
+        keys = ", ".join(dict.fromkeys(k for table in tables for k in table))
+        raise SystemExit(f"error: unknown --preset '{args.preset}' for --algo {args.algo}; use auto, none or one of: {keys}")
+    alpha, gamma, q_agg = (p if c is None else c for c, p in zip((args.alpha, args.gamma, args.q_agg), preset))
+    return dataclasses.replace(args, alpha=alpha, gamma=gamma, q_agg=q_agg)
 
 
-def check_args(args: Args, num_candidates: int) -> None:
-    """One-line errors for flag combinations that cannot run."""
+def check_args(args: Args) -> None:
+    """One-line errors for every flag value that cannot run, before any data is loaded (on resolved args)."""
+
+    def finite(x: float) -> bool:
+        return math.isfinite(x)
+
     problems = [
-        (
-            args.entropy_guidance and num_candidates < 2,
-            f"entropy guidance needs at least 2 candidates (K = {num_candidates}); pass --num-candidates 2 or more, or --no-entropy-guidance",
-        ),
-        (
-            not args.entropy_guidance and args.num_candidates not in (None, 1),
-            "--num-candidates applies to entropy guidance only; without it FQL acts with one sample",
-        ),
-        (not 0.0 <= args.eta <= 1.0, f"--eta must lie in [0, 1] (Prop. 1), got {args.eta}"),
         (min(args.offline_steps, args.online_steps) < 0, "--offline-steps and --online-steps must be non-negative"),
         (args.offline_steps + args.online_steps < 1, "nothing to do: --offline-steps + --online-steps is 0"),
         (
-            min(args.batch_size, args.hidden_dim, args.num_layers, args.num_critics, args.flow_steps) < 1,
-            "--batch-size, --hidden-dim, --num-layers, --num-critics and --flow-steps must be positive",
+            min(args.buffer_size, args.batch_size, args.hidden_dim, args.num_layers, args.num_critics, args.flow_steps) < 1,
+            "--buffer-size, --batch-size, --hidden-dim, --num-layers, --num-critics and --flow-steps must be positive",
         ),
         (
             min(args.eval_every, args.eval_episodes, args.log_every, args.beta_update_every) < 1,
             "--eval-every, --eval-episodes, --log-every and --beta-update-every must be positive",
         ),
+        (
+            not (finite(args.learning_rate) and args.learning_rate > 0),
+            f"--learning-rate must be positive, got {args.learning_rate}",
+        ),
+        (not 0.0 < args.tau <= 1.0, f"--tau must lie in (0, 1], got {args.tau}"),
+        (not 0.0 < args.gamma <= 1.0, f"--gamma must lie in (0, 1], got {args.gamma}"),
+        (not (finite(args.alpha) and args.alpha >= 0), f"--alpha must be a non-negative number, got {args.alpha}"),
+        (not 0.0 <= args.eta <= 1.0, f"--eta must lie in [0, 1] (Prop. 1), got {args.eta}"),
+        (
+            not (finite(args.noise_scale) and args.noise_scale >= 0),
+            f"--noise-scale must be non-negative, got {args.noise_scale}",
+        ),
+        (
+            args.num_candidates is not None and args.num_candidates < 1,
+            f"--num-candidates must be at least 1, got {args.num_candidates}",
+        ),
+        (
+            not args.entropy_guidance and args.num_candidates not in (None, 1),
+            "--num-candidates applies to entropy guidance only; without it (or with --algo fql) one sample is taken",
+        ),
+        (
+            args.entropy_guidance and args.num_candidates == 1,
+            "entropy guidance needs at least 2 candidates; pass --num-candidates 2 or more, or --no-entropy-guidance",
+        ),
+        (
+            not (finite(args.beta) and args.beta >= 0 and finite(args.beta_lr) and args.beta_lr >= 0),
+            f"--beta and --beta-lr must be non-negative numbers, got {args.beta} and {args.beta_lr}",
+        ),
+        (args.target_entropy is not None and not finite(args.target_entropy), "--target-entropy must be a finite number"),
+        (
+            min(args.entropy_states, args.entropy_samples, args.gmm_components, args.gmm_iters) < 1,
+            "--entropy-states, --entropy-samples, --gmm-components and --gmm-iters must be positive",
+        ),
         (args.entropy_samples < args.gmm_components, "--entropy-samples must be at least --gmm-components"),
-        (args.beta < 0 or args.beta_lr < 0, "--beta and --beta-lr must be non-negative"),
+        (not (finite(args.gmm_tol) and args.gmm_tol > 0), f"--gmm-tol must be positive, got {args.gmm_tol}"),
+        (not (finite(args.gmm_reg) and args.gmm_reg > 0), f"--gmm-reg must be positive, got {args.gmm_reg}"),
     ]
     for failed, message in problems:
         if failed:
             raise SystemExit(f"error: {message}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Networks (§1.1): Dense -> GELU (tanh approximation) -> [LayerNorm], Xavier-uniform kernels, zero biases
-# ---------------------------------------------------------------------------------------------------------------------
+def candidate_count(args: Args, act_dim: int) -> int:
+    """K: --num-candidates, else min(10, ceil(A / 2)) (the official code's cap on the paper's A / 2); 1 without guidance."""
+    if not args.entropy_guidance:
+        return 1
+    k = args.num_candidates or min(10, math.ceil(act_dim / 2))
+    if k < 2:
+        raise SystemExit(
+            f"error: entropy guidance needs at least 2 candidates (K = {k} for A = {act_dim}); pass --num-candidates 2 or more, or --no-entropy-guidance"
+        )
+    return k
+
+
+# ---- Dataset --------------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Transitions on the training device, pre-filled with the dataset; online data from position N on, then FIFO
+    over the oldest rows (official FQL code); batches are uniform over everything held."""
+
+    KEYS = ("observations", "actions", "rewards", "next_observations", "masks")
+
+    def __init__(self, data, capacity: int, device: torch.device):
+        n = len(data)
+        self.capacity = max(capacity, n + 1)
+        self.storage = {}
+        for key in self.KEYS:
+            source = getattr(data, key).to(device)
+            self.storage[key] = torch.zeros(self.capacity, *source.shape[1:], dtype=torch.float32, device=device)
+            self.storage[key][:n] = source
+        self.size, self.pos = n, n % self.capacity
+
+    def add(self, obs, action, reward, next_obs, mask) -> None:
+        for key, value in zip(self.KEYS, (obs, action, reward, next_obs, mask)):
+            self.storage[key][self.pos] = torch.as_tensor(value, dtype=torch.float32)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """A uniform batch, drawn and gathered on the device (no host sync)."""
+        idx = torch.randint(0, self.size, (batch_size,), device=self.storage["masks"].device)
+        return {key: value[idx] for key, value in self.storage.items()}
+
+
+def dataset_tag(name: str) -> str:
+    """The run-name tag of a dataset: a file's base name without extension, else the name with '/' -> '-'."""
+    if os.path.exists(name) or name.endswith(FILE_SUFFIXES):
+        return os.path.splitext(os.path.basename(name))[0]
+    return name.replace("/", "-")
+
+
+def online_reward_shift(dataset: str, env_id: str | None) -> float:
+    """-1 for D4RL antmaze, whose dataset rewards the loader shifts to r - 1 (IQL/FQL convention; the official FQL
+    code shifts the online rewards too); 0 for OGBench, whose rewards come shifted already. The rule is the loader's:
+    the env id of a file dataset (--env-id is for files only), else the Minari name, contains 'antmaze'."""
+    if is_ogbench_name(dataset):
+        return 0.0
+    return -1.0 if "antmaze" in (env_id if env_id is not None else dataset).lower() else 0.0
+
+
+def training_env(data, seed: int, reward_shift: float) -> gym.Env:
+    """The env of the online phase: the dataset's env (episode statistics record the raw return), its rewards shifted
+    by `reward_shift` on their way into the replay buffer."""
+    env = data.make_env(seed)
+    return gym.wrappers.TransformReward(env, lambda r: r + reward_shift) if reward_shift else env
+
+
+# ---- Networks -------------------------------------------------------------------------------------------------------
 class MLP(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, layer_norm: bool = False):
+    """The actors' MLP (official FQL code): Dense -> GELU (tanh approximation) per hidden layer, Xavier-uniform kernels,
+    zero biases; the inputs are concatenated."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, num_layers: int):
         super().__init__()
         layers, dim = [], in_dim
         for _ in range(num_layers):
             layers += [nn.Linear(dim, hidden_dim), nn.GELU(approximate="tanh")]
-            if layer_norm:
-                layers.append(nn.LayerNorm(hidden_dim, eps=1e-6))
             dim = hidden_dim
         layers.append(nn.Linear(dim, out_dim))
         self.net = nn.Sequential(*layers)
@@ -234,34 +414,56 @@ class MLP(nn.Module):
 
 
 class CriticEnsemble(nn.Module):
-    """Q_phi_k(s, a), k = 1..num_critics, independently initialised, as one stacked MLP: one batched matmul per
-    layer (baddbmm) instead of a Python loop over members; per-member LayerNorm (eps 1e-6, learnable affine)."""
+    """`num_critics` independent Q-networks as one stacked MLP: one batched matmul per layer (baddbmm) instead of a
+    loop over members. Each hidden layer is Linear -> activation [-> LayerNorm]; `xavier` picks Xavier-uniform
+    kernels with zero biases (FQL), else nn.Linear's default initialization, per member."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        num_critics: int,
+        activation,
+        layer_norm: bool,
+        xavier: bool,
+    ):
         super().__init__()
+        self.activation, self.layer_norm = activation, layer_norm
         dims = [obs_dim + act_dim] + [hidden_dim] * num_layers + [1]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         self.ln_scales, self.ln_biases = nn.ParameterList(), nn.ParameterList()
         for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
-            bound = math.sqrt(6.0 / (fan_in + fan_out))  # Xavier uniform, per member
+            bound = math.sqrt(6.0 / (fan_in + fan_out)) if xavier else 1.0 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.zeros(num_critics, 1, fan_out)))
-            if i < num_layers:
+            bias = (
+                torch.zeros(num_critics, 1, fan_out)
+                if xavier
+                else torch.empty(num_critics, 1, fan_out).uniform_(-bound, bound)
+            )
+            self.biases.append(nn.Parameter(bias))
+            if layer_norm and i < num_layers:
                 self.ln_scales.append(nn.Parameter(torch.ones(num_critics, 1, fan_out)))
                 self.ln_biases.append(nn.Parameter(torch.zeros(num_critics, 1, fan_out)))
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        """Q-values of shape (num_critics, batch); `frozen` stops gradients into phi (the actor's L_q)."""
-        p = [list(ps) for ps in (self.weights, self.biases, self.ln_scales, self.ln_biases)]
-        if frozen:
-            p = [[x.detach() for x in ps] for ps in p]
-        weights, biases, scales, shifts = p
-        x = torch.cat([obs, action], -1).unsqueeze(0).expand(len(weights[0]), -1, -1)
-        for i, (w, b) in enumerate(zip(weights, biases)):
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Q-values of shape (num_critics, batch)."""
+        x = torch.cat([obs, action], -1).unsqueeze(0).expand(len(self.weights[0]), -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b, x, w)
-            if i < len(scales):
-                x = F.layer_norm(F.gelu(x, approximate="tanh"), x.shape[-1:], eps=1e-6) * scales[i] + shifts[i]
+            if i < len(self.weights) - 1:
+                x = self.activation(x)
+                if self.layer_norm:
+                    x = F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.ln_scales[i] + self.ln_biases[i]
         return x.squeeze(-1)
+
+
+def make_critic(obs_dim: int, act_dim: int, args: Args) -> CriticEnsemble:
+    """FQL's critic: GELU (tanh approximation), LayerNorm (eps 1e-6), Xavier-uniform kernels, zero biases."""
+    return CriticEnsemble(
+        obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics, nn.GELU(approximate="tanh"), True, True
+    )
 
 
 def aggregate(q: torch.Tensor, how: str) -> torch.Tensor:
@@ -269,9 +471,13 @@ def aggregate(q: torch.Tensor, how: str) -> torch.Tensor:
     return q.mean(0) if how == "mean" else q.min(0).values
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Losses (§1.2, §3.2)
-# ---------------------------------------------------------------------------------------------------------------------
+def frozen(critic: CriticEnsemble, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Q-values through detached critic parameters: gradients reach the action, never phi (the actor's L_q)."""
+    params = {k: v.detach() for k, v in critic.named_parameters()}
+    return torch.func.functional_call(critic, params, (obs, action))
+
+
+# ---- ALGO LOGIC: losses and updates ---------------------------------------------------------------------------------
 def noise_std(t: torch.Tensor, eta: float) -> torch.Tensor:
     """alpha_t of Eq. 7: alpha_t^2 = (eta^2 - 2 eta) t^2 + 2 eta t, which is >= 0 on [0, 1] (Prop. 1)."""
     return ((eta**2 - 2.0 * eta) * t**2 + 2.0 * eta * t).clamp_min(0.0).sqrt()
@@ -282,10 +488,10 @@ def noisy_flow_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Network input and regression target of noise-injected flow matching; `noise` ~ N(0, I) like x0.
 
+    code (the official FINO code): input x_t + noise_scale exp(10 (t - 1)) noise, target x1 - x0.
     paper (Eq. 7): input x_t + alpha_t noise, target x1 - (1 - eta) x0. Given x1 the input is N(t x1, (1 - (1 - eta) t)^2 I):
       the optimal-transport path with sigma_min = eta (Lipman et al.), whose variance is never below FM's (Thm. 2).
-    code (official repository): input x_t + noise_scale exp(10 (t - 1)) noise, target x1 - x0.
-    eta = 0 is standard flow matching under both (§3.8: the two forms then agree).
+    eta = 0 is standard flow matching under both.
     """
     x_t = interpolate(x0, x1, t)
     if eta == 0.0:
@@ -295,93 +501,99 @@ def noisy_flow_pair(
     return x_t + noise_scale * torch.exp(10.0 * (t - 1.0)) * noise, target_velocity(x0, x1)
 
 
-def fql_losses(
-    batch: dict, nets: dict, target_critic: CriticEnsemble, args: Args, alpha: float, gamma: float, q_agg: str
-) -> dict:
-    """L_Q, L_flow, L_distill and L_q from one parameter snapshot (§1.2, §3.7). Each loss reaches only its own network."""
+NOISE_KEYS = ("z_next", "x0", "t", "xi", "z")
+BATCH_KEYS = ReplayBuffer.KEYS + NOISE_KEYS
+
+
+def draw_noise(batch_size: int, act_dim: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The update's random inputs, drawn outside it (so the update is a deterministic function of its batch, and
+    --compile / --cudagraphs reproduce eager exactly) [ours]: z' of the TD target's next action, x0 ~ N(0, I),
+    t ~ U[0, 1) and the injected noise xi ~ N(0, I) of L_flow, z of L_distill and L_q."""
+    shape = (batch_size, act_dim)
+    z_next, x0 = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    t = torch.rand(batch_size, 1, device=device)
+    xi, z = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    return dict(z_next=z_next, x0=x0, t=t, xi=xi, z=z)
+
+
+def fql_losses(batch: dict, nets: nn.ModuleDict, target_critic: CriticEnsemble, args: Args) -> dict[str, torch.Tensor]:
+    """L_Q, L_flow, L_distill and L_q from one parameter snapshot (official FQL code; L_flow: FINO's noise injection).
+    Each loss reaches only its own network. `batch` holds BATCH_KEYS; `args` the resolved alpha, gamma and q_agg."""
     obs, actions = batch["observations"], batch["actions"]
     critic, flow, onestep = nets["critic"], nets["flow"], nets["onestep"]
     # L_Q: y = r + gamma * mask * agg_k Qbar_k(s', clip(mu(s', z'))); the mask is 0 only at termination
     with torch.no_grad():
-        next_actions = onestep(batch["next_observations"], torch.randn_like(actions)).clamp(-1.0, 1.0)
-        next_q = aggregate(target_critic(batch["next_observations"], next_actions), q_agg)
-        target_q = batch["rewards"] + gamma * batch["masks"] * next_q
+        next_actions = onestep(batch["next_observations"], batch["z_next"]).clamp(-1.0, 1.0)
+        next_q = aggregate(target_critic(batch["next_observations"], next_actions), args.q_agg)
+        target_q = batch["rewards"] + args.gamma * batch["masks"] * next_q
     q = critic(obs, actions)
-    critic_loss = (q - target_q).pow(2).mean()
+    qf_loss = (q - target_q).pow(2).mean()
 
-    # L_flow: noise-injected flow matching (Eq. 7); eta = 0 is FQL's standard loss
-    x0 = torch.randn_like(actions)
-    t = torch.rand(actions.shape[0], 1, device=actions.device)
+    # L_flow: noise-injected flow matching; eta = 0 is FQL's standard loss
+    t = batch["t"]
     flow_input, flow_target = noisy_flow_pair(
-        x0, actions, t, torch.randn_like(actions), args.noise_schedule, args.eta, args.noise_scale
+        batch["x0"], actions, t, batch["xi"], args.noise_schedule, args.eta, args.noise_scale
     )
     flow_loss = (flow(obs, flow_input, t) - flow_target).pow(2).mean()
 
-    # L_distill: the one-step policy regresses onto the clipped Euler roll-out of the (stop-gradient) flow
-    z = torch.randn_like(actions)
+    # L_distill (Eq. 5): the one-step policy regresses onto the clipped Euler roll-out of the (stop-gradient) flow
+    z = batch["z"]
     with torch.no_grad():
         distill_target = euler_sample(lambda x, tt: flow(obs, x, tt), z, args.flow_steps).clamp(-1.0, 1.0)
     policy_actions = onestep(obs, z)
     distill_loss = (policy_actions - distill_target).pow(2).mean()
 
     # L_q: -mean_k Q_k(s, clip(mu(s, z))) with the critic frozen; the actor always averages the ensemble
-    q_pi = critic(obs, policy_actions.clamp(-1.0, 1.0), frozen=True).mean(0)
-    q_loss = -q_pi.mean()
+    q_pi = frozen(critic, obs, policy_actions.clamp(-1.0, 1.0)).mean(0)
+    actor_q_loss = -q_pi.mean()
     if args.normalize_q_loss:
-        q_loss = q_loss / q_pi.abs().mean().detach()
+        actor_q_loss = actor_q_loss / q_pi.abs().mean().detach()
 
-    total = critic_loss + flow_loss + alpha * distill_loss + q_loss
+    total_loss = qf_loss + flow_loss + args.alpha * distill_loss + actor_q_loss
     return dict(
-        total_loss=total,
-        critic_loss=critic_loss,
+        qf_loss=qf_loss,
+        qf_values=q.mean(),
         flow_loss=flow_loss,
         distill_loss=distill_loss,
-        q_loss=q_loss,
-        q_values=q.mean(),
+        actor_q_loss=actor_q_loss,
+        total_loss=total_loss,
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Acting (§3.4)
-# ---------------------------------------------------------------------------------------------------------------------
-def select_candidates(q: torch.Tensor, beta: float | torch.Tensor, greedy: bool) -> torch.Tensor:
-    """Index of the chosen candidate per row of q (..., K): argmax (evaluation) or a draw from
-    softmax(beta * Q / mean|Q|), the normaliser taken over all candidates and states of the call (§3.4)."""
-    if greedy:
-        return q.argmax(-1)
-    scale = q.abs().flatten(-2).mean(-1)[..., None, None].clamp_min(1e-8)  # q is (..., states, K)
-    logits = beta * q / scale
-    return torch.distributions.Categorical(logits=logits).sample()
+def update(
+    nets: nn.ModuleDict, target_critic: CriticEnsemble, optimizer: torch.optim.Optimizer, args: Args, *batch: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One update on `batch` (the tensors of BATCH_KEYS, in order): the summed loss from one parameter snapshot, one
+    Adam step, and the Polyak update from the pre-step critic, phi_bar <- tau phi + (1 - tau) phi_bar (official FQL
+    code). Returns detached metrics."""
+    batch = dict(zip(BATCH_KEYS, batch))
+    losses = fql_losses(batch, nets, target_critic, args)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total_loss"].backward()
+    with torch.no_grad():
+        for target_param, param in zip(target_critic.parameters(), nets["critic"].parameters()):
+            target_param.lerp_(param, args.tau)
+    optimizer.step()
+    return {f"losses/{name}": value.detach() for name, value in losses.items()}
 
 
 @torch.no_grad()
-def act(
-    obs: torch.Tensor,
-    onestep: MLP,
-    critic: CriticEnsemble,
-    act_dim: int,
-    num_candidates: int,
-    guided: bool,
-    beta,
-    q_agg: str,
-    greedy: bool,
-) -> torch.Tensor:
-    """Actions in [-1, 1] for states obs (..., B, obs_dim); leading dimensions are independent calls.
-
-    FQL (not guided): one sample clip(mu(s, z)), when acting and when evaluating (§1.3).
-    FINO: K candidates clip(mu(s, z_i)), scored by the online critics (q_agg); argmax or softmax (§3.4)."""
-    if not guided:
-        return onestep(obs, torch.randn(*obs.shape[:-1], act_dim, device=obs.device)).clamp(-1.0, 1.0)
-    obs_rep = obs.unsqueeze(-2).expand(*obs.shape[:-1], num_candidates, obs.shape[-1])
-    candidates = onestep(obs_rep, torch.randn(*obs_rep.shape[:-1], act_dim, device=obs.device)).clamp(-1.0, 1.0)
-    q = aggregate(critic(obs_rep.reshape(-1, obs.shape[-1]), candidates.reshape(-1, act_dim)), q_agg)
-    choice = select_candidates(q.view(candidates.shape[:-1]), beta, greedy)
-    return torch.gather(candidates, -2, choice[..., None, None].expand(*choice.shape, 1, act_dim)).squeeze(-2)
+def validation_metrics(validation, nets: nn.ModuleDict, target_critic: CriticEnsemble, args: Args, seed: int) -> dict:
+    """The losses on a batch of the held-out split (OGBench's validation file), without any update, as `val/<name>`;
+    {} when there is no split. Draws from a forked RNG seeded with `seed`: the training streams are untouched [ours]."""
+    if validation is None:
+        return {}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        batch = validation.sample(args.batch_size)
+        batch.update(draw_noise(args.batch_size, validation.act_dim, validation.observations.device))
+        losses = fql_losses(batch, nets, target_critic, args)
+    return {f"val/{name}": value for name, value in losses.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Entropy of the acting policy: batched EM for a full-covariance Gaussian mixture (§3.5)
-# ---------------------------------------------------------------------------------------------------------------------
+# Entropy of the acting policy: batched EM for a full-covariance Gaussian mixture (the official code fits
+# scikit-learn's GaussianMixture per state; here all states at once, in PyTorch)
 def gaussian_log_prob(x: torch.Tensor, means: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     """log N(x_n | mu_c, L_c L_c^T) for x (S, N, d), means (S, C, d), Cholesky factors (S, C, d, d) -> (S, N, C)."""
     diff = (x.unsqueeze(1) - means.unsqueeze(2)).transpose(-1, -2)  # (S, C, d, N)
@@ -444,7 +656,8 @@ def fit_gmm(
 
 
 def gmm_entropy_bound(weights: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """H(s) <= -sum_j w_j log(w_j + 1e-8) + sum_j w_j [d/2 (1 + log 2 pi) + 1/2 log det Sigma_j] (§3.5), per state."""
+    """H(s) <= -sum_j w_j log(w_j + 1e-8) + sum_j w_j [d/2 (1 + log 2 pi) + 1/2 log det Sigma_j], per state (the
+    official code's upper bound on the mixture entropy)."""
     d = cov.shape[-1]
     component_entropy = 0.5 * d * (1.0 + math.log(2.0 * math.pi)) + 0.5 * torch.logdet(cov)
     return -(weights * (weights + 1e-8).log()).sum(-1) + (weights * component_entropy).sum(-1)
@@ -452,7 +665,7 @@ def gmm_entropy_bound(weights: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def policy_entropy(obs: torch.Tensor, onestep, critic, act_dim, num_candidates, guided, beta, q_agg, args) -> torch.Tensor:
-    """Mean over states of the mixture entropy bound of the acting policy's actions (200 draws per state, §3.5).
+    """Mean over states of the mixture entropy bound of the acting policy's actions (entropy_samples draws per state).
     Draws go in chunks of 25 as in the official code; each draw's softmax normaliser spans all states of the draw."""
     draws = []
     for start in range(0, args.entropy_samples, 25):
@@ -465,206 +678,310 @@ def policy_entropy(obs: torch.Tensor, onestep, critic, act_dim, num_candidates, 
     return gmm_entropy_bound(weights, cov).mean().float()
 
 
-def update_beta(beta: float, entropy: float, target_entropy: float, lr: float) -> float:
-    """beta <- max(0, beta + lr (H - H_target)): entropy above the target makes the softmax greedier (code's sign, §3.5)."""
-    return max(0.0, beta + lr * (entropy - target_entropy))
+def update_beta(beta: torch.Tensor, entropy: torch.Tensor, target_entropy: float, lr: float) -> torch.Tensor:
+    """beta <- max(0, beta + lr (H - H_target)): entropy above the target makes the softmax greedier (the official
+    FINO code's sign, and the paper's prose: high entropy favours exploitation)."""
+    return (beta + lr * (entropy - target_entropy)).clamp_min(0.0)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Replay buffer and evaluation
-# ---------------------------------------------------------------------------------------------------------------------
-class ReplayBuffer:
-    """Transitions on the training device, pre-filled with the dataset; online data from position N on, then FIFO
-    over the oldest rows (§2.1); batches are uniform over everything held."""
-
-    KEYS = ("observations", "actions", "rewards", "next_observations", "masks")
-
-    def __init__(self, data, capacity: int, device: torch.device):
-        n = len(data)
-        self.capacity = max(capacity, n + 1)
-        self.storage = {}
-        for key in self.KEYS:
-            source = getattr(data, key).to(device)
-            self.storage[key] = torch.zeros(self.capacity, *source.shape[1:], dtype=torch.float32, device=device)
-            self.storage[key][:n] = source
-        self.size, self.pos = n, n % self.capacity
-
-    def add(self, obs, action, reward, next_obs, mask) -> None:
-        for key, value in zip(self.KEYS, (obs, action, reward, next_obs, mask)):
-            self.storage[key][self.pos] = torch.as_tensor(value, dtype=torch.float32)
-        self.pos = (self.pos + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
-
-    def sample(self, batch_size: int) -> dict:
-        idx = torch.randint(0, self.size, (batch_size,), device=self.storage["masks"].device)
-        return {key: value[idx] for key, value in self.storage.items()}
+# ---- Acting and evaluation ------------------------------------------------------------------------------------------
+def candidate_logits(q: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """beta * Q / mean|Q| for q (..., states, K), the normaliser taken over all states and candidates of one call
+    (the official code: per state when acting on one state, across the batch in the entropy estimate)."""
+    scale = q.abs().flatten(-2).mean(-1)[..., None, None].clamp_min(1e-8)
+    return beta * q / scale
 
 
-def evaluate(env, policy, episodes: int, normalize_score) -> dict:
-    """Mean return, success (final step's info['success']) and normalised score over `episodes` episodes."""
-    returns, successes = [], []
-    for _ in range(episodes):
-        obs, _ = env.reset()
-        done = False
-        while not done:
-            obs, _, terminated, truncated, info = env.step(policy(obs))
-            done = terminated or truncated
-        returns.append(float(info["episode"]["r"]))
-        successes.append(float(info.get("success", 0.0)))
-    mean_return = float(np.mean(returns))
-    result = {"eval/episodic_return": mean_return, "eval/success": float(np.mean(successes))}
-    if normalize_score is not None:
-        result["eval/normalized_score"] = float(normalize_score(mean_return))
+def select_candidates(q: torch.Tensor, beta: float | torch.Tensor, greedy: bool) -> torch.Tensor:
+    """Index of the chosen candidate per row of q (..., states, K): argmax (evaluation) or a draw from
+    softmax(candidate_logits) (acting online)."""
+    if greedy:
+        return q.argmax(-1)
+    return torch.distributions.Categorical(logits=candidate_logits(q, beta)).sample()
+
+
+@torch.no_grad()
+def act(
+    obs: torch.Tensor,
+    onestep: MLP,
+    critic: CriticEnsemble,
+    act_dim: int,
+    num_candidates: int,
+    guided: bool,
+    beta: float | torch.Tensor,
+    q_agg: str,
+    greedy: bool,
+) -> torch.Tensor:
+    """Actions in [-1, 1] for states obs (..., B, obs_dim); leading dimensions are independent calls.
+
+    Not guided (FQL): one sample clip(mu(s, z)), when acting and when evaluating (official FQL code).
+    Guided (FINO): K candidates clip(mu(s, z_i)), scored by the online critics with q_agg; argmax or softmax."""
+    if not guided:
+        return onestep(obs, torch.randn(*obs.shape[:-1], act_dim, device=obs.device)).clamp(-1.0, 1.0)
+    obs_rep = obs.unsqueeze(-2).expand(*obs.shape[:-1], num_candidates, obs.shape[-1])
+    candidates = onestep(obs_rep, torch.randn(*obs_rep.shape[:-1], act_dim, device=obs.device)).clamp(-1.0, 1.0)
+    q = aggregate(critic(obs_rep.reshape(-1, obs.shape[-1]), candidates.reshape(-1, act_dim)), q_agg)
+    choice = select_candidates(q.view(candidates.shape[:-1]), beta, greedy)
+    return torch.gather(candidates, -2, choice[..., None, None].expand(*choice.shape, 1, act_dim)).squeeze(-2)
+
+
+EVAL_INFO_KEYS = ("success", "success_rate", "tasks_completed", "all_tasks_success")
+
+
+def evaluate(policy, env: gym.Env, episodes: int, seed: int) -> dict[str, float]:
+    """Mean return over `episodes` episodes, and the mean of every EVAL_INFO_KEYS entry of the episodes' last info.
+    The env is reseeded with `seed` and the policy draws from a forked torch RNG seeded with `seed`, so an
+    evaluation never shifts the training run's random streams (CORL reseeds its eval env the same way)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    returns, finals = [], []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        obs, _ = env.reset(seed=seed)
+        for _ in range(episodes):
+            done = False
+            while not done:
+                obs, _, terminated, truncated, info = env.step(policy(obs))
+                done = terminated or truncated
+            returns.append(float(info["episode"]["r"]))
+            finals.append(info)
+            obs, _ = env.reset()
+    result = {"eval/episodic_return": float(np.mean(returns))}
+    for key in EVAL_INFO_KEYS:
+        if key in finals[0]:
+            result[f"eval/{key}"] = float(np.mean([float(info[key]) for info in finals]))
     return result
 
 
+# ---- TRY NOT TO MODIFY: checkpoints, speed, checks ------------------------------------------------------------------
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated checkpoint."""
+    """Write `state` (modules and optimizers as state dicts) atomically: a crash mid-write never leaves a
+    truncated checkpoint."""
     tmp = path + ".tmp"
     torch.save({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}, tmp)
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: str, script: str, device: torch.device) -> dict:
+    """Read a checkpoint written by `script`'s save_checkpoint; one-line errors for a missing file, a file that is
+    not a checkpoint, or one of another script."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at '{path}'")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # not a torch file: pickle, zip or EOF errors
+        raise SystemExit(
+            f"error: '{path}' is not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if not isinstance(state, dict) or state.get("script") != script:
+        raise SystemExit(f"error: '{path}' is not a checkpoint of {script}")
+    return state
+
+
+def compiled(fn):
+    """torch.compile(fn), with inductor's random ops falling back to eager's generator so that --compile draws the
+    same numbers as eager from the same seed [ours]."""
+    torch._inductor.config.fallback_random = True
+    return torch.compile(fn)
+
+
+class CudaGraphStep:
+    """--cudagraphs: runs `fn` eagerly for `warmup` calls (real steps, on a side stream, so the allocator, cuBLAS and
+    the optimizers' state settle), then captures one call in a CUDA graph and from then on replays it: the tensor
+    arguments are copied into static buffers and the returned dict holds the graph's static output tensors (read
+    them before the next call). `fn` must not sync with the host or branch on tensor values, its shapes must be
+    fixed, and its optimizers must be built with capturable=True. Every call performs exactly one step."""
+
+    def __init__(self, fn, warmup: int = 3):
+        self.fn, self.warmup, self.calls = fn, warmup, 0
+        self.graph, self.inputs, self.outputs = None, None, None
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls <= self.warmup:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        if self.graph is None:
+            self.inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.fn(*self.inputs)
+        for static, a in zip(self.inputs, args):
+            if isinstance(a, torch.Tensor):
+                static.copy_(a)
+        self.graph.replay()
+        return self.outputs
+
+
+def record_nonfinite(metrics: dict[str, torch.Tensor], step: int, first_bad: dict) -> None:
+    """Remember, on the device and without a host sync, the first step at which each metric was NaN or inf."""
+    names = tuple(metrics)
+    values = torch.stack([v.float() for v in metrics.values()])
+    if names not in first_bad:
+        first_bad[names] = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
+    first_bad[names].masked_fill_(~torch.isfinite(values) & (first_bad[names] < 0), step)
+
+
+def raise_if_nonfinite(first_bad: dict, run_name: str) -> None:
+    """At a log step (one host copy): stop with one line naming the first non-finite metric and its step."""
+    bad = [(step, name) for names, steps in first_bad.items() for name, step in zip(names, steps.tolist()) if step >= 0]
+    if bad:
+        step, name = min(bad)
+        raise SystemExit(f"error: {name} became non-finite at step {step}; stopping (logs kept in runs/{run_name})")
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    alpha, gamma, q_agg = resolve_hyperparameters(args)
+    # TRY NOT TO MODIFY: seeding, device, run name, logging
+    args = resolve_args(tyro.cli(Args))
+    check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        raise SystemExit("error: --cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
+    saved = None if args.load_model is None else load_checkpoint(args.load_model, "fino.py", device)
 
     data = load_dataset(
         args.dataset,
-        source=args.source,
+        source=args.dataset_source,
         dataset_dir=args.dataset_dir,
         env_id=args.env_id,
         download=args.dataset_download,
         device=str(device),
+        d4rl_name=args.d4rl_name,
     )
-    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    num_candidates = args.num_candidates or (min(10, math.ceil(act_dim / 2)) if args.entropy_guidance else 1)
-    check_args(args, num_candidates)
-    target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
+    obs_dim, act_dim = data.obs_dim, data.act_dim
+    num_candidates = candidate_count(args, act_dim)
     guided = args.entropy_guidance
-    # D4RL antmaze rewards are r - 1 in the dataset (common/datasets.py), so online too; OGBench needs no shift (§2.2)
-    reward_shift = -1.0 if "antmaze" in f"{args.dataset} {args.env_id}".lower() and not is_ogbench_name(args.dataset) else 0.0
-    run_name = f"{data.name.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-
-    nets = nn.ModuleDict(
-        dict(
-            critic=CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics),
-            flow=MLP(obs_dim + act_dim + 1, act_dim, args.hidden_dim, args.num_layers),  # v_theta(s, x, t): raw t
-            onestep=MLP(obs_dim + act_dim, act_dim, args.hidden_dim, args.num_layers),  # mu_omega(s, z)
-        )
-    ).to(device)
-    target_critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics).to(device)
-    target_critic.load_state_dict(nets["critic"].state_dict())
-    optimizer = torch.optim.Adam(nets.parameters(), lr=args.learning_rate)  # one Adam over all losses (§1.3)
-    beta, start_step = args.beta, 1
-    if args.load_model is not None:
-        if not os.path.isfile(args.load_model):
-            raise SystemExit(f"error: --load-model: no such file '{args.load_model}'")
-        saved = torch.load(args.load_model, map_location=device, weights_only=False)
-        try:
-            nets.load_state_dict(saved["nets"])
-            target_critic.load_state_dict(saved["target_critic"])
-        except RuntimeError as e:
-            raise SystemExit(
-                f"error: --load-model does not fit these networks (same --hidden-dim/--num-layers?): {str(e).splitlines()[0]}"
-            ) from None
-        optimizer.load_state_dict(saved["optimizer"])
-        beta, start_step = saved["beta"], saved["global_step"] + 1
-
-    total_steps = args.offline_steps + args.online_steps
-    buffer = ReplayBuffer(data, args.buffer_size, device)
-    env = data.make_env(args.seed)
-    eval_env = data.make_env(args.seed + 10_000)
-
-    def policy(obs, greedy):
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(1, obs_dim)
-        a = act(obs_t, nets["onestep"], nets["critic"], act_dim, num_candidates, guided, beta, q_agg, greedy)
-        return a[0].cpu().numpy()
-
+    target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
+    run_name = f"{dataset_tag(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n"
-        + "\n".join(
-            f"|{k}|{v}|"
-            for k, v in {
-                **vars(args),
-                "resolved alpha/gamma/q_agg": (alpha, gamma, q_agg),
-                "num_candidates": num_candidates,
-            }.items()
-        ),
+        + "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "num_candidates": num_candidates}.items()),
     )
+
+    # ALGO LOGIC: networks, optimizer, update function (+ torch.compile / CudaGraphStep when asked)
+    nets = nn.ModuleDict(
+        dict(
+            critic=make_critic(obs_dim, act_dim, args),
+            flow=MLP(obs_dim + act_dim + 1, act_dim, args.hidden_dim, args.num_layers),  # v_theta(s, x, t): raw t
+            onestep=MLP(obs_dim + act_dim, act_dim, args.hidden_dim, args.num_layers),  # mu_omega(s, z)
+        )
+    ).to(device)
+    target_critic = make_critic(obs_dim, act_dim, args).to(device)
+    target_critic.load_state_dict(nets["critic"].state_dict())
+    optimizer = torch.optim.Adam(nets.parameters(), lr=args.learning_rate, capturable=args.cudagraphs)  # one Adam
+    beta, start_step = torch.tensor(args.beta, device=device), 1
+    if saved is not None:
+        try:
+            nets.load_state_dict(saved["nets"])
+            target_critic.load_state_dict(saved["target_critic"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(
+                f"error: checkpoint '{args.load_model}' holds networks of another size (--hidden-dim/--num-layers/--num-critics or the dataset's dimensions): {str(e).strip().splitlines()[0]}"
+            ) from None
+        beta.fill_(float(saved["beta"]))
+        start_step = saved["global_step"] + 1
+    update_step = functools.partial(compiled(update) if args.compile else update, nets, target_critic, optimizer, args)
+    if args.cudagraphs:
+        update_step = CudaGraphStep(update_step)
+    act_fn = compiled(act) if args.compile else act
+
+    def policy(obs: np.ndarray, greedy: bool) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(1, obs_dim)
+        a = act_fn(obs_t, nets["onestep"], nets["critic"], act_dim, num_candidates, guided, beta, args.q_agg, greedy)
+        return a[0].cpu().numpy()
+
+    total_steps = args.offline_steps + args.online_steps
+    buffer = ReplayBuffer(data, args.buffer_size, device)
+    env = training_env(data, args.seed, online_reward_shift(args.dataset, args.env_id))
+    eval_env = data.make_env(args.seed + 10_000)
     checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
 
     def training_state() -> dict:
-        """Everything `--load-model` restores (not the online part of the replay buffer)."""
+        """Everything --load-model restores (not the online part of the replay buffer)."""
         return dict(
-            nets=nets, target_critic=target_critic, optimizer=optimizer, beta=beta, global_step=global_step, args=vars(args)
+            script="fino.py",
+            nets=nets,
+            target_critic=target_critic,
+            optimizer=optimizer,
+            beta=beta.item(),
+            global_step=global_step,
+            args=vars(args),
         )
 
     obs, _ = env.reset(seed=args.seed)
-    start_time, global_step = time.time(), start_step - 1
+    global_step, first_bad = start_step - 1, {}
+    clock_step, clock_start, excluded = start_step + 3, None, 0.0  # SPS after a 3-update burn-in, training time only
     progress = tqdm(range(start_step, total_steps + 1), desc=run_name, mininterval=5.0, disable=None)
     try:
         for global_step in progress:
             online = global_step > args.offline_steps
-            # ---- online: one env step with the acting policy (softmax over K for FINO), stored in the buffer ----
+            # ALGO LOGIC: online, one env step with the acting policy (FINO: softmax over K), stored in the buffer
             if online:
                 action = policy(obs, greedy=False)
                 next_obs, reward, terminated, truncated, info = env.step(action)
-                buffer.add(
-                    obs, action, reward + reward_shift, next_obs, 1.0 - float(terminated)
-                )  # truncation bootstraps (§2.1)
+                buffer.add(obs, action, reward, next_obs, 1.0 - float(terminated))  # truncation bootstraps
                 obs = next_obs
                 if terminated or truncated:
                     writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
                     writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
                     obs, _ = env.reset()
+            # ALGO LOGIC: one update on a uniform batch of the buffer
+            batch = {**buffer.sample(args.batch_size), **draw_noise(args.batch_size, act_dim, device)}
+            metrics = update_step(*(batch[key] for key in BATCH_KEYS))
+            record_nonfinite(metrics, global_step, first_bad)
+            if global_step == clock_step:
+                clock_start, excluded = time.time(), 0.0
 
-            # ---- one update: the summed loss from one parameter snapshot; Polyak from the pre-step critic ----
-            batch = buffer.sample(args.batch_size)
-            losses = fql_losses(batch, nets, target_critic, args, alpha, gamma, q_agg)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total_loss"].backward()
-            with torch.no_grad():  # before optimizer.step(): phi_bar <- tau phi_old + (1 - tau) phi_bar (§1.3)
-                for target_param, param in zip(target_critic.parameters(), nets["critic"].parameters()):
-                    target_param.lerp_(param, args.tau)
-            optimizer.step()
-
+            # TRY NOT TO MODIFY: logging, beta, evaluation, checkpoints
             if global_step % args.log_every == 0:
-                values = torch.stack(list(losses.values())).tolist()  # one device-to-host copy per log step
-                for name, value in zip(losses, values):
-                    if not math.isfinite(value):
-                        raise SystemExit(
-                            f"error: losses/{name} became {value} at step {global_step}; stopping (logs kept in runs/{run_name})"
-                        )
-                    writer.add_scalar(f"losses/{name}", value, global_step)
-                writer.add_scalar("charts/beta", beta, global_step)
-                writer.add_scalar("charts/SPS", int((global_step - start_step + 1) / (time.time() - start_time)), global_step)
+                raise_if_nonfinite(first_bad, run_name)
+                excluded_from = time.time()
+                logged = {**metrics, "charts/beta": beta} if args.algo == "fino" else dict(metrics)
+                logged.update(validation_metrics(data.validation, nets, target_critic, args, args.seed + global_step))
+                values = torch.stack([v.float() for v in logged.values()]).tolist()  # one device-to-host copy
+                for name, value in zip(logged, values):
+                    writer.add_scalar(name, value, global_step)
+                if device.type == "cuda":
+                    writer.add_scalar("charts/gpu_memory_mb", torch.cuda.max_memory_allocated() / 2**20, global_step)
+                if clock_start is not None and global_step > clock_step:
+                    sps = (global_step - clock_step) / (excluded_from - clock_start - excluded)
+                    writer.add_scalar("charts/SPS", sps, global_step)
+                excluded += time.time() - excluded_from
 
-            # ---- every beta_update_every online steps: GMM entropy of the acting policy, then beta (§3.5) ----
-            online_step = global_step - args.offline_steps
-            if online and online_step % args.beta_update_every == 0:
+            # ALGO LOGIC: every beta_update_every online steps, the GMM entropy of the acting policy, then beta
+            if online and args.algo == "fino" and (global_step - args.offline_steps) % args.beta_update_every == 0:
+                excluded_from = time.time()
                 states = batch["observations"][: args.entropy_states]  # the latest training batch's states
                 entropy = policy_entropy(
-                    states, nets["onestep"], nets["critic"], act_dim, num_candidates, guided, beta, q_agg, args
-                ).item()
-                writer.add_scalar("charts/entropy", entropy, global_step)
+                    states, nets["onestep"], nets["critic"], act_dim, num_candidates, guided, beta, args.q_agg, args
+                )
                 if guided:
                     beta = update_beta(beta, entropy, target_entropy, args.beta_lr)
-                    writer.add_scalar("charts/beta", beta, global_step)
+                writer.add_scalar("charts/entropy", entropy.item(), global_step)
+                writer.add_scalar("charts/beta", beta.item(), global_step)
+                excluded += time.time() - excluded_from
 
+            # TRY NOT TO MODIFY: evaluation at eval_every and at the end of each phase, with a checkpoint
             end_of_offline = global_step == args.offline_steps
             if global_step % args.eval_every == 0 or end_of_offline or global_step == total_steps:
-                result = evaluate(eval_env, lambda o: policy(o, greedy=guided), args.eval_episodes, data.normalize_score)
+                excluded_from = time.time()
+                result = evaluate(
+                    lambda o: policy(o, greedy=guided), eval_env, args.eval_episodes, args.seed + 10_000 + global_step
+                )
+                if data.normalize_score is not None:
+                    result["eval/normalized_score"] = float(data.normalize_score(result["eval/episodic_return"]))
                 for name, value in result.items():
-                    if name == "eval/episodic_return" or name == f"eval/{data.metric}":
-                        writer.add_scalar(name, value, global_step)
+                    writer.add_scalar(name, value, global_step)
                 progress.set_postfix(
                     {data.metric: f"{result.get(f'eval/{data.metric}', result['eval/episodic_return']):.3f}"}, refresh=False
                 )
@@ -672,6 +989,8 @@ if __name__ == "__main__":
                     save_checkpoint(checkpoint_path, training_state())
                     if end_of_offline:
                         save_checkpoint(checkpoint_path.replace(".pt", "_offline.pt"), training_state())
+                excluded += time.time() - excluded_from
+        raise_if_nonfinite(first_bad, run_name)
     except KeyboardInterrupt:
         print(f"interrupted at step {global_step}; TensorBoard logs kept in runs/{run_name}")
         if args.save_model:

@@ -1,35 +1,37 @@
 """fino.py: the noise-injection theory (Thm. 2, Prop. 1, Eq. 7), the GMM entropy, the beta update, FQL's pieces,
 and end-to-end offline-to-online runs on tiny OGBench- and Minari-format datasets (CPU)."""
 
-import glob
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import tyro
 
 from common.flow import interpolate, target_velocity
 from fino import (
     MLP,
     Args,
-    CriticEnsemble,
     ReplayBuffer,
     act,
+    check_args,
+    draw_noise,
     fit_gmm,
     fql_losses,
     gmm_entropy_bound,
+    make_critic,
     noise_std,
     noisy_flow_pair,
+    resolve_args,
+    save_checkpoint,
     select_candidates,
     update_beta,
 )
-from tests.fixtures import write_minari_dataset, write_ogbench_dataset
+from tests.conftest import ROOT, assert_one_line_error, run_dirs, run_script, scalars
+from tests.fixtures import write_d4rl_file, write_minari_dataset, write_ogbench_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_NETS = Args(hidden_dim=16, num_layers=2, num_critics=2)
 TS = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
 ETAS = [0.0, 0.05, 0.1, 0.5, 1.0]
 
@@ -109,14 +111,23 @@ def test_eta_zero_is_standard_flow_matching_exactly():
 
 
 def test_code_schedule_is_the_official_one():
-    x0, x1, noise = torch.zeros(3, 1), torch.zeros(3, 1), torch.ones(3, 1)
+    """The official code: input (1 - t) x0 + t x1 + noise_scale exp(10 (t - 1)) xi, target x1 - x0 (no (1 - eta))."""
+    x0, x1, xi = torch.tensor([[0.5, -1.0]]).expand(3, 2), torch.tensor([[0.8, 0.3]]).expand(3, 2), torch.tensor([[1.0, -2.0]])
     t = torch.tensor([[0.0], [0.5], [1.0]])
-    noisy, target = noisy_flow_pair(x0, x1, t, noise, "code", 0.1, 0.1)
-    assert torch.allclose(noisy[:, 0], 0.1 * torch.exp(10 * (t[:, 0] - 1)))
-    assert torch.equal(target, x1 - x0)
+    noisy, target = noisy_flow_pair(x0, x1, t, xi.expand(3, 2), "code", 0.1, 0.2)
+    expected = (1 - t) * x0 + t * x1 + 0.2 * torch.exp(10 * (t - 1)) * xi
+    assert torch.allclose(noisy, expected, atol=1e-7)
+    assert torch.allclose(noisy[2], torch.tensor([0.8 + 0.2, 0.3 - 0.4]))  # at t = 1: x1 + noise_scale xi
+    assert torch.allclose(target, torch.tensor([[0.3, 1.3]]).expand(3, 2))  # x1 - x0 at every t
 
 
-# ---- GMM entropy (§3.5) ---------------------------------------------------------------------------------------------
+def test_code_schedule_is_the_default():
+    assert Args().noise_schedule == "code"
+    fino = resolve_args(Args(dataset="antmaze-large-navigate-singletask-v0"))
+    assert (fino.eta, fino.noise_scale, fino.entropy_guidance) == (0.1, 0.1, True)
+
+
+# ---- GMM entropy ---------------------------------------------------------------------------------------------
 def gaussian_entropy(cov: torch.Tensor) -> float:
     d = cov.shape[-1]
     return 0.5 * d * (1 + math.log(2 * math.pi)) + 0.5 * torch.logdet(cov).item()
@@ -179,14 +190,14 @@ def test_gmm_covariances_stay_positive_definite_on_degenerate_samples():
     assert h[2] < h[3] < gaussian_entropy(torch.eye(3, dtype=torch.float64))  # collapsed samples: very low entropy
 
 
-# ---- beta update and candidate selection (§3.4, §3.5) ---------------------------------------------------------------
+# ---- beta update and candidate selection ---------------------------------------------------------------
 def test_beta_update_moves_in_the_right_direction_on_both_sides_of_the_target():
-    target = -2.0
-    assert update_beta(10.0, -1.0, target, 0.1) == pytest.approx(10.1)  # entropy above target: greedier
-    assert update_beta(10.0, -3.5, target, 0.1) == pytest.approx(9.85)  # below target: softer, more exploration
-    assert update_beta(10.0, target, target, 0.1) == 10.0
-    assert update_beta(0.05, -50.0, target, 0.1) == 0.0  # clipped at 0, never negative
-    assert update_beta(10.0, 5.0, target, 0.0) == 10.0  # beta_lr 0: fixed temperature
+    target, t = -2.0, torch.tensor
+    assert update_beta(t(10.0), t(-1.0), target, 0.1).item() == pytest.approx(10.1)  # entropy above target: greedier
+    assert update_beta(t(10.0), t(-3.5), target, 0.1).item() == pytest.approx(9.85)  # below: softer, more exploration
+    assert update_beta(t(10.0), t(target), target, 0.1).item() == 10.0
+    assert update_beta(t(0.05), t(-50.0), target, 0.1).item() == 0.0  # clipped at 0, never negative
+    assert update_beta(t(10.0), t(5.0), target, 0.0).item() == 10.0  # beta_lr 0: fixed temperature
 
 
 def test_candidate_selection_greedy_uniform_and_sharp():
@@ -203,7 +214,7 @@ def test_candidate_selection_greedy_uniform_and_sharp():
 
 def test_act_fino_picks_among_candidates_and_fql_takes_one_sample():
     torch.manual_seed(0)
-    onestep, critic = MLP(3 + 2, 2, 16, 2), CriticEnsemble(3, 2, 16, 2, 2)
+    onestep, critic = MLP(3 + 2, 2, 16, 2), make_critic(3, 2, TINY_NETS)
     obs = torch.randn(5, 3)
     greedy = act(obs, onestep, critic, 2, 6, True, 10.0, "mean", greedy=True)
     assert greedy.shape == (5, 2) and (greedy.abs() <= 1).all()
@@ -228,10 +239,40 @@ def test_act_fino_picks_among_candidates_and_fql_takes_one_sample():
     assert act(obs.expand(7, 5, 3), onestep, critic, 2, 4, True, 10.0, "min", greedy=False).shape == (7, 5, 2)
 
 
-# ---- FQL skeleton (§1) ----------------------------------------------------------------------------------------------
+# ---- --algo and the per-task tables ---------------------------------------------------------------------------------
+def test_algo_fql_is_fqls_own_protocol_and_per_task_flags():
+    fql = resolve_args(Args(dataset="D4RL/relocate/cloned-v2", algo="fql"))
+    assert (fql.eta, fql.entropy_guidance, fql.online_steps, fql.buffer_size, fql.eval_every) == (
+        0.0,
+        False,
+        10**6,
+        2 * 10**6,
+        10**5,
+    )
+    assert (fql.alpha, fql.gamma, fql.q_agg) == (10000.0, 0.99, "min")  # FQL's O2O flags: min
+    fino = resolve_args(Args(dataset="D4RL/relocate/cloned-v2"))
+    assert (fino.eta, fino.entropy_guidance, fino.online_steps, fino.buffer_size, fino.eval_every) == (
+        0.1,
+        True,
+        500_000,
+        1_500_000,
+        50_000,
+    )
+    assert (fino.alpha, fino.q_agg) == (10000.0, "mean")  # FINO's README: mean
+    offline = resolve_args(Args(dataset="D4RL/relocate/cloned-v2", algo="fql", online_steps=0))
+    assert (offline.alpha, offline.q_agg) == (30000.0, "min")  # FQL's offline table
+    ogbench = resolve_args(Args(dataset="humanoidmaze-medium-navigate-singletask-task2-v0", algo="fql"))
+    assert (ogbench.alpha, ogbench.gamma) == (100.0, 0.995)
+    assert resolve_args(Args(dataset="humanoidmaze-medium-navigate-singletask-v0", algo="fql", online_steps=0)).alpha == 30.0
+    # explicit flags win over --algo and the table
+    mine = resolve_args(Args(dataset="D4RL/relocate/cloned-v2", algo="fql", alpha=1.0, q_agg="mean", eta=0.2, eval_every=7))
+    assert (mine.alpha, mine.q_agg, mine.eta, mine.eval_every, mine.gamma) == (1.0, "mean", 0.2, 7, 0.99)
+
+
+# ---- FQL skeleton ----------------------------------------------------------------------------------------------
 def test_critic_ensemble_equals_independent_layernorm_mlps():
     torch.manual_seed(0)
-    critic = CriticEnsemble(3, 2, 8, 2, 2)
+    critic = make_critic(3, 2, Args(hidden_dim=8, num_layers=2, num_critics=2))
     with torch.no_grad():  # non-trivial LayerNorm affine parameters
         for p in list(critic.ln_scales) + list(critic.ln_biases):
             p.add_(0.3 * torch.randn_like(p))
@@ -251,9 +292,9 @@ def test_critic_ensemble_equals_independent_layernorm_mlps():
 def tiny_setup(seed=0):
     torch.manual_seed(seed)
     nets = torch.nn.ModuleDict(
-        dict(critic=CriticEnsemble(3, 2, 16, 2, 2), flow=MLP(3 + 2 + 1, 2, 16, 2), onestep=MLP(3 + 2, 2, 16, 2))
+        dict(critic=make_critic(3, 2, TINY_NETS), flow=MLP(3 + 2 + 1, 2, 16, 2), onestep=MLP(3 + 2, 2, 16, 2))
     )
-    target = CriticEnsemble(3, 2, 16, 2, 2)
+    target = make_critic(3, 2, TINY_NETS)
     target.load_state_dict(nets["critic"].state_dict())
     batch = dict(
         observations=torch.randn(32, 3),
@@ -261,17 +302,22 @@ def tiny_setup(seed=0):
         rewards=-torch.rand(32),
         next_observations=torch.randn(32, 3),
         masks=torch.ones(32),
+        **draw_noise(32, 2, torch.device("cpu")),
     )
     return nets, target, batch
 
 
+def loss_args(**kw):
+    return resolve_args(Args(flow_steps=3, alpha=10.0, gamma=0.99, q_agg="mean", **kw))
+
+
 def test_each_loss_reaches_only_its_own_network():
     nets, target, batch = tiny_setup()
-    args = Args(flow_steps=3)
-    owners = dict(critic_loss={"critic"}, flow_loss={"flow"}, distill_loss={"onestep"}, q_loss={"onestep"})
+    args = loss_args()
+    owners = dict(qf_loss={"critic"}, flow_loss={"flow"}, distill_loss={"onestep"}, actor_q_loss={"onestep"})
     for loss_name, owner in owners.items():
         nets.zero_grad(set_to_none=True)
-        fql_losses(batch, nets, target, args, 10.0, 0.99, "mean")[loss_name].backward()
+        fql_losses(batch, nets, target, args)[loss_name].backward()
         for net_name, net in nets.items():
             touched = any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
             assert touched == (net_name in owner), (loss_name, net_name)
@@ -281,22 +327,22 @@ def test_each_loss_reaches_only_its_own_network():
 def test_termination_cuts_the_bootstrap_and_truncation_does_not():
     """The mask (1 - terminated) multiplies gamma Q'(s', a'): mask 0 gives y = r; a time-limit row keeps mask 1."""
     nets, target, batch = tiny_setup()
-    args = Args(flow_steps=3)
+    args = loss_args()
     q = nets["critic"](batch["observations"], batch["actions"]).detach()
     torch.manual_seed(5)
-    cut = fql_losses(dict(batch, masks=torch.zeros(32)), nets, target, args, 10.0, 0.99, "mean")["critic_loss"]
+    cut = fql_losses(dict(batch, masks=torch.zeros(32)), nets, target, args)["qf_loss"]
     assert cut.item() == pytest.approx((q - batch["rewards"]).pow(2).mean().item(), rel=1e-5)
     torch.manual_seed(5)
-    kept = fql_losses(batch, nets, target, args, 10.0, 0.99, "mean")["critic_loss"]
+    kept = fql_losses(batch, nets, target, args)["qf_loss"]
     assert kept.item() != pytest.approx(cut.item(), rel=1e-3)
 
 
 def test_total_loss_weights_distillation_by_alpha():
     nets, target, batch = tiny_setup()
-    args = Args(flow_steps=3)
+    args = resolve_args(Args(flow_steps=3, alpha=30.0, gamma=0.99, q_agg="min"))
     torch.manual_seed(7)
-    losses = fql_losses(batch, nets, target, args, 30.0, 0.99, "min")
-    expected = losses["critic_loss"] + losses["flow_loss"] + 30.0 * losses["distill_loss"] + losses["q_loss"]
+    losses = fql_losses(batch, nets, target, args)
+    expected = losses["qf_loss"] + losses["flow_loss"] + 30.0 * losses["distill_loss"] + losses["actor_q_loss"]
     assert losses["total_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -344,20 +390,7 @@ OGBENCH_NAME = "pointmaze-medium-navigate-singletask-v0"
 
 
 def run_fino(cwd, *flags):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "fino.py"), *flags],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-
-
-def scalars(run_dir):
-    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return run_script(cwd, "fino.py", *flags)
 
 
 @pytest.fixture(scope="module")
@@ -388,15 +421,15 @@ def test_smoke_ogbench_offline_online_beta_update_save_and_resume(tmp_path, ogbe
     ]
     result = run_fino(tmp_path, *flags, "--save-model")
     assert result.returncode == 0, result.stderr[-2000:]
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    (run_dir,) = run_dirs(tmp_path)
     logged = scalars(run_dir)
     for tag in [
         "losses/total_loss",
-        "losses/critic_loss",
+        "losses/qf_loss",
         "losses/flow_loss",
         "losses/distill_loss",
-        "losses/q_loss",
-        "losses/q_values",
+        "losses/actor_q_loss",
+        "losses/qf_values",
         "charts/SPS",
         "charts/beta",
         "charts/entropy",
@@ -405,7 +438,7 @@ def test_smoke_ogbench_offline_online_beta_update_save_and_resume(tmp_path, ogbe
         "eval/episodic_return",
     ]:
         assert tag in logged, tag
-    assert len(logged["losses/critic_loss"]) == 1200 // 50  # one update per step, offline and online
+    assert len(logged["losses/qf_loss"]) == 1200 // 50  # one update per step, offline and online
     assert [s for s, _ in logged["eval/success"]] == [100, 600, 1200]  # end of offline, every 600, the end
     assert [s for s, _ in logged["charts/entropy"]] == [600, 1100]  # every 500 online steps
     betas = {v for _, v in logged["charts/beta"]}
@@ -419,9 +452,9 @@ def test_smoke_ogbench_offline_online_beta_update_save_and_resume(tmp_path, ogbe
     resumed.mkdir()
     result = run_fino(resumed, *flags, "--load-model", os.path.join(run_dir, "fino_offline.pt"))
     assert result.returncode == 0, result.stderr[-2000:]
-    (resumed_dir,) = glob.glob(str(resumed / "runs" / "*"))
+    (resumed_dir,) = run_dirs(resumed)
     logged = scalars(resumed_dir)
-    assert min(s for s, _ in logged["losses/critic_loss"]) > 100  # no offline update was repeated
+    assert min(s for s, _ in logged["losses/qf_loss"]) > 100  # no offline update was repeated
     assert [s for s, _ in logged["eval/success"]] == [600, 1200]
 
 
@@ -446,10 +479,20 @@ def test_smoke_fql_configuration(tmp_path, ogbench_dir):
         *TINY,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    (run_dir,) = run_dirs(tmp_path)
     logged = scalars(run_dir)
     assert {v for _, v in logged["charts/beta"]} == {10.0}  # no guidance: beta is never updated
     assert "charts/entropy" in logged and "eval/success" in logged  # the one-step sampler's entropy is still logged
+
+
+def test_smoke_algo_fql_has_no_beta_estimate(tmp_path, ogbench_dir):
+    flags = ["--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--algo", "fql", "--offline-steps", "100"]
+    result = run_fino(tmp_path, *flags, "--online-steps", "100", "--eval-every", "100", "--beta-update-every", "50", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = run_dirs(tmp_path)
+    logged = scalars(run_dir)
+    assert "charts/entropy" not in logged and "charts/beta" not in logged
+    assert [s for s, _ in logged["eval/success"]] == [100, 200]
 
 
 def test_smoke_minari_offline_online(tmp_path):
@@ -475,7 +518,7 @@ def test_smoke_minari_offline_online(tmp_path):
         *TINY,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    (run_dir,) = run_dirs(tmp_path)
     logged = scalars(run_dir)
     assert {"eval/episodic_return", "charts/episodic_return", "charts/entropy", "losses/flow_loss"} <= set(logged)
     assert "eval/success" not in logged  # the metric is the return for a dataset without reference scores
@@ -483,29 +526,154 @@ def test_smoke_minari_offline_online(tmp_path):
     assert os.path.exists(os.path.join(run_dir, "fino.pt"))
 
 
+BAD_VALUES = [  # (flags, fragment of the one error line): every size, count, budget, rate and coefficient
+    (["--offline-steps", "-1"], "--offline-steps and --online-steps must be non-negative"),
+    (["--online-steps", "-5"], "--offline-steps and --online-steps must be non-negative"),
+    (["--offline-steps", "0", "--online-steps", "0"], "nothing to do"),
+    (["--buffer-size", "0"], "--buffer-size, --batch-size"),
+    (["--batch-size", "0"], "--buffer-size, --batch-size"),
+    (["--hidden-dim", "0"], "--hidden-dim"),
+    (["--num-layers", "0"], "--num-layers"),
+    (["--num-critics", "0"], "--num-critics"),
+    (["--flow-steps", "-3"], "--flow-steps"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--eval-episodes", "0"], "--eval-episodes"),
+    (["--log-every", "0"], "--log-every"),
+    (["--beta-update-every", "0"], "--beta-update-every"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--learning-rate", "nan"], "--learning-rate must be positive"),
+    (["--tau", "0"], "--tau must lie in (0, 1]"),
+    (["--tau", "1.5"], "--tau must lie in (0, 1]"),
+    (["--gamma", "0"], "--gamma must lie in (0, 1]"),
+    (["--gamma", "1.01"], "--gamma must lie in (0, 1]"),
+    (["--alpha", "-1"], "--alpha must be a non-negative number"),
+    (["--alpha", "nan"], "--alpha must be a non-negative number"),
+    (["--eta", "1.5"], "--eta must lie in [0, 1]"),
+    (["--eta", "-0.1"], "--eta must lie in [0, 1]"),
+    (["--noise-scale", "-1"], "--noise-scale must be non-negative"),
+    (["--num-candidates", "0"], "--num-candidates must be at least 1"),
+    (["--num-candidates", "1"], "entropy guidance needs at least 2 candidates"),
+    (["--no-entropy-guidance", "--num-candidates", "4"], "--num-candidates applies to entropy guidance only"),
+    (["--algo", "fql", "--num-candidates", "3"], "--num-candidates applies to entropy guidance only"),
+    (["--beta", "-1"], "--beta and --beta-lr must be non-negative"),
+    (["--beta-lr", "inf"], "--beta and --beta-lr must be non-negative"),
+    (["--target-entropy", "nan"], "--target-entropy must be a finite number"),
+    (["--entropy-states", "0"], "--entropy-states"),
+    (["--entropy-samples", "2"], "--entropy-samples must be at least --gmm-components"),
+    (["--gmm-components", "0"], "--gmm-components"),
+    (["--gmm-iters", "0"], "--gmm-iters"),
+    (["--gmm-tol", "0"], "--gmm-tol must be positive"),
+    (["--gmm-reg", "-1e-6"], "--gmm-reg must be positive"),
+    (["--preset", "nosuchtask"], "unknown --preset 'nosuchtask'"),
+    (["--algo", "fql", "--online-steps", "0", "--preset", "scene-play-x"], "unknown --preset"),
+]
+
+
+@pytest.mark.parametrize("flags, fragment", BAD_VALUES)
+def test_bad_values_are_one_line_errors_before_any_data_is_loaded(flags, fragment):
+    """Parsed by tyro as on the command line, then checked: a one-line `error:` SystemExit (exit status 1), raised
+    before main touches the dataset (the dataset flags here point nowhere)."""
+    with pytest.raises(SystemExit) as caught:
+        check_args(resolve_args(tyro.cli(Args, args=["--dataset-dir", "/nonexistent", *flags])))
+    message = str(caught.value.code)
+    assert message.startswith("error: ") and "\n" not in message and fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    """A text file, a checkpoint of another script, and a fino.py checkpoint of 8-wide networks."""
+    path = tmp_path_factory.mktemp("checkpoints")
+    (path / "notes.pt").write_text("not a checkpoint")
+    torch.save({"script": "fmer.py", "actor": {}}, path / "fmer.pt")
+    torch.manual_seed(0)
+    small = Args(hidden_dim=8, num_layers=2)
+    nets = torch.nn.ModuleDict(dict(critic=make_critic(2, 2, small), flow=MLP(5, 2, 8, 2), onestep=MLP(4, 2, 8, 2)))
+    optimizer = torch.optim.Adam(nets.parameters())
+    state = dict(script="fino.py", nets=nets, target_critic=make_critic(2, 2, small), optimizer=optimizer, beta=10.0)
+    save_checkpoint(str(path / "small.pt"), {**state, "global_step": 5, "args": {}})
+    return path
+
+
 @pytest.mark.parametrize(
-    "flags, message",
+    "flags, fragment",
     [
-        (["--dataset", "pointmaze-medium-navigate-singletask-v0", "--dataset-dir", "/nonexistent"], "error: OGBench dataset"),
-        (["--dataset", OGBENCH_NAME, "--num-candidates", "1"], "error: entropy guidance needs at least 2 candidates"),
-        (
-            ["--dataset", OGBENCH_NAME],
-            "error: entropy guidance needs at least 2 candidates (K = 1)",
-        ),  # A = 2: K = ceil(A/2) = 1
-        (["--dataset", OGBENCH_NAME, "--no-entropy-guidance", "--num-candidates", "4"], "error: --num-candidates applies"),
-        (["--dataset", OGBENCH_NAME, "--eta", "1.5", "--num-candidates", "2"], "error: --eta must lie in [0, 1]"),
-        (["--dataset", OGBENCH_NAME, "--preset", "nosuchtask"], "error: unknown --preset"),
-        (
-            ["--dataset", OGBENCH_NAME, "--num-candidates", "2", "--alpha", "nan", "--offline-steps", "50", *TINY],
-            "error: losses/total_loss became nan at step 50",
-        ),
+        (["--dataset-dir", "/nonexistent"], "OGBench dataset"),
+        (["--num-candidates", "2", "--env-id", "Pendulum-v1"], "--env-id is only for dataset files"),
+        ([], "entropy guidance needs at least 2 candidates (K = 1 for A = 2)"),  # K = ceil(A / 2) = 1
+        (["--num-candidates", "2", "--no-cuda", "--cudagraphs"], "--cudagraphs needs a CUDA device"),
+        (["--num-candidates", "2", "--load-model", "/nonexistent/fino.pt"], "no checkpoint at '/nonexistent/fino.pt'"),
+        (["--num-candidates", "2", "--load-model", "{ckpt}/notes.pt"], "is not a checkpoint ("),
+        (["--num-candidates", "2", "--load-model", "{ckpt}/fmer.pt"], "is not a checkpoint of fino.py"),
+        (["--num-candidates", "2", *TINY, "--load-model", "{ckpt}/small.pt"], "holds networks of another size"),
+        (["--num-candidates", "2", "--learning-rate", "1e30", "--offline-steps", "50", *TINY], "became non-finite at step"),
     ],
 )
-def test_bad_input_ends_with_one_line(tmp_path, ogbench_dir, flags, message):
+def test_bad_input_ends_with_one_line(tmp_path, ogbench_dir, bad_checkpoints, flags, fragment):
+    flags = [f.replace("{ckpt}", str(bad_checkpoints)) for f in flags]
     if "/nonexistent" not in flags:
         flags = [*flags, "--dataset-dir", ogbench_dir]
-    result = run_fino(tmp_path, *flags)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(message), result.stderr[-1000:]
+    result = run_fino(tmp_path, "--dataset", OGBENCH_NAME, *flags)
+    assert_one_line_error(result, fragment)
+    if "became non-finite" in fragment:  # stopped at the first log step, before writing its metrics
+        (run_dir,) = run_dirs(tmp_path)
+        assert "losses/qf_loss" not in scalars(run_dir)
+
+
+VALIDATION_WRAPPER = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+import common.datasets as datasets
+
+load = datasets.load_dataset
+
+
+def load_with_validation(*args, **kwargs):  # a held-out split made by hand: the first 100 rows
+    data = load(*args, **kwargs)
+    rows = {{k: getattr(data, k)[:100] for k in datasets.TRANSITION_KEYS}}
+    data.validation = datasets.OfflineData(**rows, name="val", metric=data.metric, make_env=data.make_env)
+    return data
+
+
+datasets.load_dataset = load_with_validation
+sys.argv = ["fino.py", *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_eval_episodes_and_validation_do_not_touch_the_training_losses(tmp_path, ogbench_dir):
+    """Three runs that differ only in --eval-episodes (1, 2) and in a validation split: identical training curves;
+    the run with the split logs val/<loss> at every log step."""
+    flags = ["--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--offline-steps", "100", "--online-steps", "100"]
+    flags += ["--eval-every", "100", "--beta-update-every", "50", "--num-candidates", "2", *TINY]
+    logs = []
+    for name, extra in (("one", ["--eval-episodes", "1"]), ("two", ["--eval-episodes", "2"]), ("val", [])):
+        (tmp_path / name).mkdir()
+        if name == "val":
+            wrapper = tmp_path / "with_validation.py"
+            wrapper.write_text(VALIDATION_WRAPPER.format(root=ROOT, script=os.path.join(ROOT, "fino.py")))
+            result = run_script(tmp_path / name, str(wrapper), *flags, *extra)
+        else:
+            result = run_fino(tmp_path / name, *flags, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        (run_dir,) = run_dirs(tmp_path / name)
+        logs.append(scalars(run_dir))
+    one, two, val = logs
+    training = [tag for tag in one if tag.startswith("losses/")] + ["charts/beta", "charts/entropy"]
+    assert len(training) == 8 and len(one["losses/qf_loss"]) == 4
+    for tag in training:
+        assert one[tag] == two[tag] == val[tag], tag
+    assert [s for s, _ in one["eval/episodic_return"]] == [s for s, _ in two["eval/episodic_return"]] == [100, 200]
+    for tag in ("qf_loss", "qf_values", "flow_loss", "distill_loss", "actor_q_loss", "total_loss"):
+        assert [s for s, _ in val[f"val/{tag}"]] == [50, 100, 150, 200]
+        assert f"val/{tag}" not in one
+
+
+def test_file_dataset_run_is_named_after_the_files_base_name(tmp_path):
+    path = str(tmp_path / "pendulum-random.npz")
+    write_d4rl_file(path, "Pendulum-v1", num_episodes=2, max_steps=30)
+    flags = ["--dataset", path, "--env-id", "Pendulum-v1", "--dataset-source", "file", "--d4rl-name", "pendulum-random"]
+    result = run_fino(tmp_path, *flags, "--algo", "fql", "--offline-steps", "50", "--online-steps", "0", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = run_dirs(tmp_path)
+    assert os.path.basename(run_dir).startswith("pendulum-random__fino__1__")
+    assert "eval/episodic_return" in scalars(run_dir)
