@@ -1,18 +1,23 @@
 """flowq.py: the energy-guided target, a bimodal toy with a known Q, and end-to-end runs on fixture datasets."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.flow import interpolate, target_velocity
-from flowq import LearnedSchedule, VelocityField, energy_coefficient, expectile_loss, guided_target, sample_actions
+from flowq import (
+    LearnedSchedule,
+    VelocityField,
+    energy_coefficient,
+    expectile_loss,
+    guided_target,
+    load_checkpoint,
+    sample_actions,
+)
+from tests.conftest import assert_one_line_error, run_dirs, run_script, scalars
 from tests.fixtures import write_minari_dataset, write_ogbench_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULES = ["t", "t2", "t2_over_1mt", "learned"]
 
 
@@ -46,7 +51,7 @@ def test_guided_target_adds_lambda_c_t_grad_q(schedule):
     torch.manual_seed(0)
     obs, a0, a1, t = torch.rand(64, 2) - 0.5, torch.randn(64, 2), torch.rand(64, 2) * 2 - 1, torch.rand(64, 1)
     coefficient = energy_coefficient(schedule, t, LearnedSchedule())
-    # c(t) = h(t) (1 - t) / t (spec Sec. 3.2): 1 - t, t (1 - t), t; a fresh h_theta equals t
+    # c(t) = h(t) (1 - t) / t (docs/flowq-reconstruction.md Sec. 3): 1 - t, t (1 - t), t; a fresh h_theta equals t
     h = {"t": t, "t2": t**2, "t2_over_1mt": t**2 / (1 - t), "learned": t}[schedule]
     torch.testing.assert_close(coefficient, h * (1 - t) / t, rtol=1e-4, atol=1e-5)
     target, a_t, grad_q, q = guided_target(quadratic_q, obs, a0, a1, t, 0.3, coefficient, normalize_energy=False)
@@ -90,25 +95,18 @@ def test_toy_policy_moves_mass_to_the_high_q_mode_more_as_lambda_grows():
     assert strong > mild + 0.1
 
 
-def run_flowq(tmp_path, *flags):
+TINY = ("--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64", "--log-every", "50", "--no-cuda")
+
+
+def run_flowq(tmp_path, *flags, **kwargs):
     """Run flowq.py in tmp_path (its runs/ go there) with tiny networks and budgets."""
-    tiny = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "64", "--log-every", "50", "--no-cuda"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "flowq.py"), *tiny, *flags],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    return run_script(tmp_path, "flowq.py", *TINY, *flags, **kwargs)
 
 
-def scalars(tmp_path):
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return run_dir, {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+def only_run(tmp_path):
+    """The single run directory under tmp_path/runs and its scalars."""
+    (run_dir,) = run_dirs(tmp_path)
+    return run_dir, scalars(run_dir)
 
 
 def test_flowq_end_to_end_on_a_minari_dataset(tmp_path, monkeypatch):
@@ -132,16 +130,23 @@ def test_flowq_end_to_end_on_a_minari_dataset(tmp_path, monkeypatch):
         "--save-model",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    run_dir, logged = scalars(tmp_path)
-    for tag in ("charts/SPS", "losses/actor_loss", "losses/q_loss", "losses/value_loss", "charts/guidance_norm"):
+    run_dir, logged = only_run(tmp_path)
+    for tag in (
+        "charts/SPS",
+        "losses/actor_loss",
+        "losses/flow_loss",
+        "losses/qf_loss",
+        "losses/vf_loss",
+        "charts/guidance_norm",
+    ):
         assert [s for s, _ in logged[tag]] == [50, 100, 150, 200, 250, 300], tag
     assert [s for s, _ in logged["eval/episodic_return"]] == [150, 300]
     # the normalized score is 100 (R - 0) / (100 - 0) of the same evaluation
     for (_, ret), (_, score) in zip(logged["eval/episodic_return"], logged["eval/normalized_score"]):
         assert score == pytest.approx(ret, rel=1e-4)
     assert logged["charts/guidance_norm"][-1][1] > 0.0  # lambda > 0: the target differs from plain CFM
-    checkpoint = torch.load(run_dir / "flowq.pt")
-    assert checkpoint["global_step"] == 300 and not os.path.exists(run_dir / "flowq.pt.tmp")
+    checkpoint = load_checkpoint(os.path.join(run_dir, "flowq.pt"), "flowq.py", torch.device("cpu"))
+    assert checkpoint["global_step"] == 300 and not os.path.exists(os.path.join(run_dir, "flowq.pt.tmp"))
     actor = VelocityField(11, 3, 32, 2)
     actor.load_state_dict(checkpoint["actor"])
 
@@ -165,7 +170,7 @@ def test_flowq_ogbench_success_with_learned_schedule(tmp_path):
         "1",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    _, logged = scalars(tmp_path)
+    _, logged = only_run(tmp_path)
     assert [s for s, _ in logged["eval/success"]] == [100] and 0.0 <= logged["eval/success"][0][1] <= 1.0
     assert "eval/normalized_score" not in logged
     h_half = logged["charts/h_at_half"][-1][1]
@@ -174,7 +179,5 @@ def test_flowq_ogbench_success_with_learned_schedule(tmp_path):
 
 def test_flowq_missing_dataset_is_one_line(tmp_path):
     result = run_flowq(tmp_path, "--dataset", "mujoco/hopper/medium-v0", "--dataset-dir", str(tmp_path / "none"))
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: Minari dataset 'mujoco/hopper/medium-v0' not found")
-    assert "minari download mujoco/hopper/medium-v0" in lines[0]
+    assert_one_line_error(result, "error: Minari dataset 'mujoco/hopper/medium-v0' not found")
+    assert "minari download mujoco/hopper/medium-v0" in result.stderr
