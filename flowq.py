@@ -11,8 +11,11 @@ Everything else is our reconstruction, explained in docs/flowq-reconstruction.md
       a_t = t a_1 + (1 - t) a_0,   a_0 ~ N(0, I),  a_1 ~ dataset,  sigma_min = 0,
       u_hat_t = (a_1 - a_0) + lambda h(t) (1 - t) / t * grad_a Q(s, a_t),
       L_pi = E || u_theta(a_t, t, s) - stopgrad(u_hat_t) ||^2,
-    with grad_a Q evaluated at a_t, clamped to the action box;
-  - lambda divided by the batch mean |Q| (recon Sec. 4) and how h_theta(t) is trained (recon Sec. 5);
+    with grad_a Q of the TARGET critic evaluated at a_t, clamped to the action box;
+  - lambda divided by the batch mean |Qbar(s, a_data)| of the target critic, as DAC does (recon Sec. 4). lambda is
+    a guidance strength, not the temperature of pi_beta exp(lambda Q): the tilt it realises scales with each state's
+    behaviour spread (recon Sec. 4, checked in tests/test_flowq.py);
+  - how h_theta(t) is trained (recon Sec. 5; experimental);
   - the critic: IQL-style expectile V, twin Q and a Polyak target (recon Sec. 6);
   - 10 explicit Euler steps at inference, one stochastic sample per action (recon Sec. 7);
   - all hyperparameters, including lambda for each domain, network sizes and learning rates.
@@ -25,6 +28,7 @@ import random
 import time
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import Literal
 
 import gymnasium as gym
@@ -96,15 +100,19 @@ class Args:
 
     # Energy-guided flow matching (docs/flowq-reconstruction.md Sec. 2-5)
     energy_scale: float = 2.5
-    """lambda: the policy targets pi_beta exp(lambda Q); 0 gives plain conditional flow matching (behaviour cloning).
-    Default [ours]: with h = t and --normalize-energy a sample moves by (lambda / 2) grad Q / mean|Q|, the shift of
-    TD3+BC's alpha = 2.5"""
+    """lambda, the guidance strength of the target (a_1 - a_0) + lambda c(t) grad_a Q; 0 gives plain conditional flow
+    matching (behaviour cloning). Not the temperature of pi_beta exp(lambda Q): the realised tilt scales with each
+    state's behaviour spread s (a Gaussian behaviour moves by lambda J(s) grad Q, J(0.1) = 0.09, J(0.3) = 0.25, where
+    the exact tilt moves by lambda s^2 grad Q; docs/flowq-reconstruction.md Sec. 4). Default 2.5 [ours], untuned"""
     schedule: Literal["t", "t2", "t2_over_1mt", "learned"] = "t"
-    """energy schedule h(t) of the paper's Fig. 2: t (default), t^2, t^2/(1-t), or a learned h_theta(t)"""
+    """energy schedule h(t) of the paper's Fig. 2: t (default), t^2, t^2/(1-t), or `learned`, EXPERIMENTAL: our
+    h_theta objective has no counterweight and drifts to its bound 2t, i.e. it doubles lambda
+    (docs/flowq-reconstruction.md Sec. 5)"""
     normalize_energy: bool = True
-    """divide lambda by the batch mean |Q| so one lambda fits any reward scale [ours, docs/flowq-reconstruction.md Sec. 4]"""
+    """divide lambda by the batch mean |Qbar(s, a_data)| of the target critic (as DAC does), so one lambda fits any
+    reward scale [ours, docs/flowq-reconstruction.md Sec. 4]"""
     schedule_lr: float = 1e-3
-    """learning rate of h_theta(t) (--schedule learned) [ours]"""
+    """learning rate of h_theta(t) (--schedule learned, experimental) [ours]"""
 
     # Evaluation and logging
     flow_steps: int = 10
@@ -278,21 +286,25 @@ def guided_target(
     normalize_energy: bool,
 ):
     """The energy-guided flow-matching target u_hat_t = (a_1 - a_0) + lambda c(t) grad_a Q(s, a_t)
-    (docs/flowq-reconstruction.md Sec. 2). q_fn(obs, a) -> Q of shape (batch,).
+    (docs/flowq-reconstruction.md Sec. 2). q_fn(obs, a) -> Q of shape (batch,): the target critic's min_j Qbar_j.
+    With `normalize_energy`, lambda is divided by the batch mean |Q(s, a_1)| at the DATA actions, on the device
+    (DAC's normaliser, Fang et al. 2024, arXiv:2405.20555; docs/flowq-reconstruction.md Sec. 4).
 
     Returns the target (with gradient only through `coefficient`), the point a_t, the raw gradient grad_a Q at a_t
-    and Q at a_t (both detached). With lambda = 0 the target is exactly the conditional flow-matching target a_1 - a_0
-    and no critic is queried.
+    (detached) and the effective scale. With lambda = 0 the target is exactly the conditional flow-matching target
+    a_1 - a_0 and no critic is queried.
     """
     a_t = interpolate(a0, a1, t)
     velocity = target_velocity(a0, a1)
     if energy_scale == 0.0:
-        return velocity, a_t, torch.zeros_like(a_t), torch.zeros_like(a_t[:, 0])
+        return velocity, a_t, torch.zeros_like(a_t), torch.zeros_like(a_t[:, 0]).sum()
     grad_q = q_gradient(q_fn, obs, a_t)
-    with torch.no_grad():
-        q = q_fn(obs, a_t.clamp(-1.0, 1.0))
-    scale = energy_scale / q.abs().mean().clamp_min(1e-6) if normalize_energy else energy_scale
-    return velocity + scale * coefficient * grad_q, a_t, grad_q, q
+    if normalize_energy:
+        with torch.no_grad():
+            scale = energy_scale / q_fn(obs, a1).abs().mean().clamp_min(1e-6)
+    else:
+        scale = torch.full_like(grad_q[0, 0], energy_scale)  # a fill kernel, not a host copy (CUDA graphs)
+    return velocity + scale * coefficient * grad_q, a_t, grad_q, scale
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -350,7 +362,7 @@ def actor_loss(
     """Guided flow matching: L_pi = || u_theta(a_t, t, s) - stopgrad(u_hat_t) ||^2 (docs/flowq-reconstruction.md
     Sec. 2); also the unguided flow-matching loss || u_theta - (a_1 - a_0) ||^2 (behaviour cloning) as a metric."""
     coefficient = energy_coefficient(schedule_name, t, schedule).detach()
-    target, a_t, grad_q, _ = guided_target(q_fn, obs, a0, actions, t, energy_scale, coefficient, normalize_energy)
+    target, a_t, grad_q, scale = guided_target(q_fn, obs, a0, actions, t, energy_scale, coefficient, normalize_energy)
     velocity = actor(obs, a_t, t)
     loss = F.mse_loss(velocity, target)
     metrics = {
@@ -358,6 +370,7 @@ def actor_loss(
         "losses/flow_loss": F.mse_loss(velocity.detach(), target_velocity(a0, actions)),
         "charts/guidance_norm": (target - target_velocity(a0, actions)).norm(dim=-1).mean(),
         "charts/grad_q_norm": grad_q.norm(dim=-1).mean(),
+        "charts/effective_energy_scale": scale,
     }
     return loss, metrics
 
@@ -374,8 +387,9 @@ def update_actor(
 
 
 def update_schedule(schedule, q_fn, optimizer, obs, actions, a0, t, *, energy_scale: float, normalize_energy: bool):
-    """h_theta(t) as a learned step size along grad_a Q [ours, docs/flowq-reconstruction.md Sec. 5]: maximize
-    Q(s, a_1_hat) at the one-step endpoint a_1_hat = a_t + (1 - t) u_hat_t of the guided target."""
+    """EXPERIMENTAL: h_theta(t) as a learned step size along grad_a Q [ours, docs/flowq-reconstruction.md Sec. 5]:
+    maximize Qbar(s, a_1_hat) at the one-step endpoint a_1_hat = a_t + (1 - t) u_hat_t of the guided target. Nothing
+    holds it back, so h_theta drifts to its bound 2t (tests/test_flowq.py checks this)."""
     coefficient = schedule.coefficient(t)
     target, a_t, _, _ = guided_target(q_fn, obs, a0, actions, t, energy_scale, coefficient, normalize_energy)
     loss = -q_fn(obs, (a_t + (1.0 - t) * target).clamp(-1.0, 1.0)).mean()
@@ -386,6 +400,65 @@ def update_schedule(schedule, q_fn, optimizer, obs, actions, a0, t, *, energy_sc
         "losses/schedule_loss": loss.detach(),
         "charts/h_at_half": schedule.coefficient(torch.full_like(t[:1], 0.5))[0, 0].detach(),
     }
+
+
+def build_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> SimpleNamespace:
+    """The networks, optimizers and step functions of a run; --compile and --cudagraphs wrap the steps."""
+    actor = VelocityField(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
+    make_critic = partial(CriticEnsemble, obs_dim, act_dim, args.hidden_dim, args.num_layers, 2, nn.GELU(), True, False)
+    critic, critic_target = make_critic().to(device), make_critic().to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    value = ValueNetwork(obs_dim, args.hidden_dim, args.num_layers).to(device)
+    schedule = LearnedSchedule().to(device) if args.schedule == "learned" else None
+    adam = partial(torch.optim.Adam, capturable=args.cudagraphs)
+    actor_optimizer = adam(actor.parameters(), lr=args.actor_lr)
+    critic_optimizer = adam(list(critic.parameters()) + list(value.parameters()), lr=args.critic_lr)
+    schedule_optimizer = adam(schedule.parameters(), lr=args.schedule_lr) if schedule else None
+    q_target_min = lambda o, a: critic_target(o, a).min(0).values  # the actor's energy: min_j Qbar_j (recon Sec. 4)
+    guidance = dict(energy_scale=args.energy_scale, normalize_energy=args.normalize_energy)
+    steps = dict(
+        critic_step=partial(
+            update_critic,
+            critic,
+            critic_target,
+            value,
+            critic_optimizer,
+            gamma=args.gamma,
+            expectile=args.expectile,
+            tau=args.tau,
+        ),
+        actor_step=partial(
+            update_actor, actor, q_target_min, schedule, actor_optimizer, schedule_name=args.schedule, **guidance
+        ),
+        policy_step=partial(act, actor, flow_steps=args.flow_steps),
+    )
+    if schedule is not None and args.energy_scale > 0.0:
+        steps["schedule_step"] = partial(update_schedule, schedule, q_target_min, schedule_optimizer, **guidance)
+    if args.compile:
+        steps = {k: torch.compile(f) for k, f in steps.items()}
+    if args.cudagraphs:
+        steps = {k: CudaGraphStep(f) for k, f in steps.items()}
+    return SimpleNamespace(
+        actor=actor,
+        critic=critic,
+        critic_target=critic_target,
+        value=value,
+        schedule=schedule,
+        actor_optimizer=actor_optimizer,
+        critic_optimizer=critic_optimizer,
+        schedule_optimizer=schedule_optimizer,
+        **{"schedule_step": None, **steps},
+    )
+
+
+def train_step(agent: SimpleNamespace, batch: dict[str, torch.Tensor], a0: torch.Tensor, t: torch.Tensor):
+    """One iteration: a critic step, then an actor step (and an h_theta step) on the same batch; a_0 ~ N(0, I) and
+    t ~ U[0, 1] are drawn by the caller. Returns the steps' detached metrics."""
+    metrics = agent.critic_step(*(batch[k] for k in TRANSITION_KEYS))
+    metrics = {**metrics, **agent.actor_step(batch["observations"], batch["actions"], a0, t)}
+    if agent.schedule_step is not None:
+        metrics = {**metrics, **agent.schedule_step(batch["observations"], batch["actions"], a0, t)}
+    return metrics
 
 
 # ---- Acting and evaluation --------------------------------------------------------------------------------------------
@@ -526,69 +599,15 @@ if __name__ == "__main__":
     writer.add_text("dataset", f"{data.name}: {len(data)} transitions, metric {data.metric}")
 
     # ALGO LOGIC: networks, optimizers, update functions (+ torch.compile / CudaGraphStep when asked)
-    obs_dim, act_dim = data.obs_dim, data.act_dim
-    actor = VelocityField(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
-    make_critic = partial(CriticEnsemble, obs_dim, act_dim, args.hidden_dim, args.num_layers, 2, nn.GELU(), True, False)
-    critic, critic_target = make_critic().to(device), make_critic().to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    value = ValueNetwork(obs_dim, args.hidden_dim, args.num_layers).to(device)
-    schedule = LearnedSchedule().to(device) if args.schedule == "learned" else None
-    adam = partial(torch.optim.Adam, capturable=args.cudagraphs)
-    actor_optimizer = adam(actor.parameters(), lr=args.actor_lr)
-    critic_optimizer = adam(list(critic.parameters()) + list(value.parameters()), lr=args.critic_lr)
-    schedule_optimizer = adam(schedule.parameters(), lr=args.schedule_lr) if schedule else None
-    q_min = lambda o, a: critic(o, a).min(0).values  # the actor's energy: min_j Q_phi_j (recon Sec. 6)
-
-    critic_step = partial(
-        update_critic, critic, critic_target, value, critic_optimizer, gamma=args.gamma, expectile=args.expectile, tau=args.tau
-    )
-    actor_step = partial(
-        update_actor,
-        actor,
-        q_min,
-        schedule,
-        actor_optimizer,
-        schedule_name=args.schedule,
-        energy_scale=args.energy_scale,
-        normalize_energy=args.normalize_energy,
-    )
-    schedule_step = (
-        partial(
-            update_schedule,
-            schedule,
-            q_min,
-            schedule_optimizer,
-            energy_scale=args.energy_scale,
-            normalize_energy=args.normalize_energy,
-        )
-        if schedule is not None and args.energy_scale > 0.0
-        else None
-    )
-    policy_step = partial(act, actor, flow_steps=args.flow_steps)
-    if args.compile:
-        critic_step, actor_step, policy_step = map(torch.compile, (critic_step, actor_step, policy_step))
-        schedule_step = torch.compile(schedule_step) if schedule_step else None
-    if args.cudagraphs:
-        critic_step, actor_step, policy_step = map(CudaGraphStep, (critic_step, actor_step, policy_step))
-        schedule_step = CudaGraphStep(schedule_step) if schedule_step else None
+    agent = build_agent(args, data.obs_dim, data.act_dim, device)
 
     def policy(obs: np.ndarray) -> np.ndarray:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(1, -1)
-        return policy_step(obs_t, torch.randn(1, act_dim, device=device))[0].cpu().numpy()
+        return agent.policy_step(obs_t, torch.randn(1, data.act_dim, device=device))[0].cpu().numpy()
 
     checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
-    checkpoint = dict(
-        script="flowq.py",
-        actor=actor,
-        critic=critic,
-        critic_target=critic_target,
-        value=value,
-        actor_optimizer=actor_optimizer,
-        critic_optimizer=critic_optimizer,
-        args=vars(args),
-    )
-    if schedule is not None:
-        checkpoint.update(schedule=schedule, schedule_optimizer=schedule_optimizer)
+    checkpoint = dict(script="flowq.py", args=vars(args))
+    checkpoint.update({k: v for k, v in vars(agent).items() if isinstance(v, (nn.Module, torch.optim.Optimizer))})
 
     first_bad, burn_in = {}, 3
     sps_start, sps_start_step, excluded = None, 0, 0.0
@@ -600,13 +619,8 @@ if __name__ == "__main__":
             if global_step == 1 + burn_in:  # charts/SPS counts training only, after a burn-in (LeanRL)
                 sps_start, sps_start_step = time.time(), global_step - 1
             batch = data.sample(args.batch_size)
-            transition = [batch[k] for k in TRANSITION_KEYS]
-            a0 = torch.randn_like(batch["actions"])
-            t = torch.rand(args.batch_size, 1, device=device)
-            metrics = critic_step(*transition)
-            metrics = {**metrics, **actor_step(batch["observations"], batch["actions"], a0, t)}
-            if schedule_step is not None:
-                metrics = {**metrics, **schedule_step(batch["observations"], batch["actions"], a0, t)}
+            a0, t = torch.randn_like(batch["actions"]), torch.rand(args.batch_size, 1, device=device)
+            metrics = train_step(agent, batch, a0, t)
             record_nonfinite(metrics, global_step, first_bad)
 
             # TRY NOT TO MODIFY: logging, evaluation, checkpoints

@@ -5,15 +5,20 @@ import os
 import pytest
 import torch
 
+from common.datasets import TRANSITION_KEYS
 from common.flow import interpolate, target_velocity
 from flowq import (
+    Args,
     LearnedSchedule,
     VelocityField,
+    build_agent,
+    critic_loss,
     energy_coefficient,
     expectile_loss,
     guided_target,
     load_checkpoint,
     sample_actions,
+    update_schedule,
 )
 from tests.conftest import assert_one_line_error, run_dirs, run_script, scalars
 from tests.fixtures import write_minari_dataset, write_ogbench_dataset
@@ -54,13 +59,16 @@ def test_guided_target_adds_lambda_c_t_grad_q(schedule):
     # c(t) = h(t) (1 - t) / t (docs/flowq-reconstruction.md Sec. 3): 1 - t, t (1 - t), t; a fresh h_theta equals t
     h = {"t": t, "t2": t**2, "t2_over_1mt": t**2 / (1 - t), "learned": t}[schedule]
     torch.testing.assert_close(coefficient, h * (1 - t) / t, rtol=1e-4, atol=1e-5)
-    target, a_t, grad_q, q = guided_target(quadratic_q, obs, a0, a1, t, 0.3, coefficient, normalize_energy=False)
+    target, a_t, grad_q, scale = guided_target(quadratic_q, obs, a0, a1, t, 0.3, coefficient, normalize_energy=False)
     expected_grad = 2.0 * (obs - a_t.clamp(-1, 1))
     torch.testing.assert_close(grad_q, expected_grad)
     torch.testing.assert_close(target, (a1 - a0) + 0.3 * coefficient * expected_grad)
-    # normalized energy: lambda / mean |Q| at the query points
-    target_n, _, _, _ = guided_target(quadratic_q, obs, a0, a1, t, 0.3, coefficient, normalize_energy=True)
-    torch.testing.assert_close(target_n, (a1 - a0) + 0.3 / q.abs().mean() * coefficient * expected_grad)
+    assert scale.item() == pytest.approx(0.3)
+    # normalized energy (DAC): lambda / mean |Q(s, a_1)| at the DATA actions, not at the query points a_t
+    target_n, _, _, scale_n = guided_target(quadratic_q, obs, a0, a1, t, 0.3, coefficient, normalize_energy=True)
+    expected_scale = 0.3 / quadratic_q(obs, a1).abs().mean()
+    torch.testing.assert_close(scale_n, expected_scale)
+    torch.testing.assert_close(target_n, (a1 - a0) + expected_scale * coefficient * expected_grad)
 
 
 def train_toy_policy(energy_scale: float, steps: int = 1500, seed: int = 0) -> float:
@@ -181,3 +189,155 @@ def test_flowq_missing_dataset_is_one_line(tmp_path):
     result = run_flowq(tmp_path, "--dataset", "mujoco/hopper/medium-v0", "--dataset-dir", str(tmp_path / "none"))
     assert_one_line_error(result, "error: Minari dataset 'mujoco/hopper/medium-v0' not found")
     assert "minari download mujoco/hopper/medium-v0" in result.stderr
+
+
+# ---- What lambda does: the realised shift on a Gaussian behaviour policy (docs/flowq-reconstruction.md Sec. 4) ----
+
+
+def spread(t: torch.Tensor, s: float) -> torch.Tensor:
+    """sigma_t of the linear path from N(0, 1) to a Gaussian behaviour N(mu, s^2): sqrt(t^2 s^2 + (1 - t)^2)."""
+    return (t**2 * s**2 + (1 - t) ** 2).sqrt()
+
+
+def shift_factor(coefficient, s: float) -> float:
+    """J = s int_0^1 c(t) / sigma_t dt: the guided flow moves each sample by lambda g J (recon Sec. 4)."""
+    t = torch.linspace(0.0, 1.0, 200_001, dtype=torch.float64)
+    return float(s * torch.trapezoid(coefficient(t) / spread(t, s), t))
+
+
+def exact_guided_flow(mu: float, s: float, guidance, steps: int = 4000, n: int = 20_000) -> torch.Tensor:
+    """Samples of the minimiser of the guided FM loss for a_1 ~ N(mu, s^2) and a linear Q with grad g:
+    v_hat_t(x) = mu + (d sigma_t/dt / sigma_t) (x - t mu) + guidance(t), integrated with Euler in float64."""
+    gen = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(n, dtype=torch.float64, generator=gen), 1.0 / steps
+    for k in range(steps):
+        t = torch.tensor(k * dt, dtype=torch.float64)
+        dlog_sigma = (t * s**2 - (1 - t)) / spread(t, s) ** 2
+        x = x + dt * (mu + dlog_sigma * (x - t * mu) + guidance(t))
+    return x
+
+
+@pytest.mark.parametrize("s, expected_j", [(0.3, 0.245), (0.1, 0.092)])
+def test_lambda_is_not_a_temperature_the_shift_scales_with_the_behaviour_spread(s, expected_j):
+    """h = t: the exact guided flow moves N(mu, s^2) by lambda g J(s), J(0.3) = 0.245 and J(0.1) = 0.092 (closed
+    form and ODE agree); neither lambda g / 2 (the old docstring's claim) nor the exact tilt's lambda g s^2. With the
+    Gaussian-matched schedule h*(t) = t s^2 / sigma_t^2 the same flow realises the exact tilt lambda g s^2."""
+    mu, lam_g = 0.1, 1.0
+    j = shift_factor(lambda t: 1 - t, s)
+    assert j == pytest.approx(expected_j, abs=2e-3)
+    behaviour = exact_guided_flow(mu, s, lambda t: 0.0 * t)  # lambda = 0, the same noise samples
+    assert behaviour.mean().item() == pytest.approx(mu, abs=0.01) and behaviour.std().item() == pytest.approx(s, rel=0.02)
+    shift = exact_guided_flow(mu, s, lambda t: lam_g * (1 - t)) - behaviour
+    assert shift.mean().item() == pytest.approx(lam_g * j, rel=0.01)
+    assert shift.std().item() < 1e-3  # a translation: the spread is kept
+    assert lam_g * j < 0.5 * lam_g - 0.2 and lam_g * j > 2 * lam_g * s**2  # not lambda g / 2, not the exact tilt
+    matched = exact_guided_flow(mu, s, lambda t: lam_g * s**2 * (1 - t) / spread(t, s) ** 2) - behaviour
+    assert matched.mean().item() == pytest.approx(lam_g * s**2, rel=0.01)
+
+
+def test_trained_flow_realises_the_closed_form_shift():
+    """u_theta trained on flowq's guided target (h = t, lambda = 1, Q = a) for a_1 ~ N(-0.2, 0.3^2) moves the
+    behaviour mean by J(0.3) = 0.245, not by lambda / 2 = 0.5 nor by the exact tilt lambda s^2 = 0.09."""
+    torch.manual_seed(0)
+    mu, s = -0.2, 0.3
+    actor = VelocityField(1, 1, 64, 2)
+    optimizer = torch.optim.Adam(actor.parameters(), lr=2e-3)
+    obs, linear_q = torch.zeros(512, 1), lambda o, a: a.sum(-1)
+    for step in range(2000):
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 if step < 1500 else 5e-4
+        a1, a0, t = mu + s * torch.randn(512, 1), torch.randn(512, 1), torch.rand(512, 1)
+        target, a_t, _, _ = guided_target(linear_q, obs, a0, a1, t, 1.0, energy_coefficient("t", t), normalize_energy=False)
+        loss = (actor(obs, a_t, t) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    shift = sample_actions(actor, torch.zeros(20_000, 1), flow_steps=50).mean().item() - mu
+    assert shift == pytest.approx(shift_factor(lambda t: 1 - t, s), abs=0.04)
+
+
+def test_learned_schedule_drifts_to_its_bound():
+    """The experimental h_theta objective (max Q at the one-step endpoint) has no counterweight: on a linear Q,
+    h_theta(1/2) climbs from 1/2 to its bound 2 t = 1, i.e. the learned schedule only doubles lambda."""
+    torch.manual_seed(0)
+    schedule = LearnedSchedule()
+    optimizer = torch.optim.Adam(schedule.parameters(), lr=1e-2)
+    linear_q = lambda o, a: a.sum(-1)
+    for _ in range(300):
+        a1, a0, t = 0.3 * torch.randn(256, 1), torch.randn(256, 1), torch.rand(256, 1)
+        metrics = update_schedule(
+            schedule, linear_q, optimizer, torch.zeros(256, 1), a1, a0, t, energy_scale=1.0, normalize_energy=False
+        )
+    assert metrics["charts/h_at_half"].item() > 0.95
+
+
+# ---- The wiring of the critic and target critic, masks, Polyak (what a wrong algorithm breaks) ----
+
+
+def tiny_agent(**flags):
+    torch.manual_seed(0)
+    return build_agent(Args(hidden_dim=16, num_layers=2, batch_size=8, cuda=False, **flags), 3, 2, torch.device("cpu"))
+
+
+def tiny_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    """A batch whose bootstrap masks disagree with 1 - terminals (as OGBench's relabelled masks can)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = {
+        "observations": torch.randn(8, 3, generator=gen),
+        "actions": torch.rand(8, 2, generator=gen) * 2 - 1,
+        "rewards": torch.randn(8, generator=gen),
+        "next_observations": torch.randn(8, 3, generator=gen),
+        "terminals": torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0]),
+        "masks": torch.tensor([0.0, 1, 0, 1, 1, 1, 0, 1]),
+    }
+    batch["dones"] = batch["terminals"]
+    return batch
+
+
+def perturb(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+
+def test_critic_loss_is_iql_with_the_target_critic_in_v_and_masks_in_the_backup():
+    agent, batch, gamma, tau = tiny_agent(), tiny_batch(), 0.9, 0.7
+    perturb(agent.critic_target)  # critic and target differ, so a swap changes the losses
+    loss, metrics = critic_loss(agent.critic, agent.critic_target, agent.value, batch, gamma, tau)
+    obs, actions = batch["observations"], batch["actions"]
+    with torch.no_grad():
+        v = agent.value(obs)
+        target_q = agent.critic_target(obs, actions).min(0).values
+        diff = target_q - v
+        vf = (torch.where(diff < 0, 1 - tau, tau) * diff**2).mean()
+        backup = batch["rewards"] + gamma * batch["masks"] * agent.value(batch["next_observations"])
+        qf = (agent.critic(obs, actions) - backup).pow(2).mean()
+    torch.testing.assert_close(metrics["losses/vf_loss"], vf)
+    torch.testing.assert_close(metrics["losses/qf_loss"], qf)
+    torch.testing.assert_close(loss.detach(), vf + qf)
+
+
+def test_critic_step_trains_the_critic_and_polyak_averages_the_target():
+    agent, batch = tiny_agent(tau=0.25), tiny_batch()
+    critic_before = [p.detach().clone() for p in agent.critic.parameters()]
+    target_before = [p.detach().clone() for p in agent.critic_target.parameters()]
+    agent.critic_step(*(batch[k] for k in TRANSITION_KEYS))
+    for before, after in zip(critic_before, agent.critic.parameters()):
+        assert not torch.equal(before, after)  # the online critic is the one regressed
+    for before, critic_p, target_p in zip(target_before, agent.critic.parameters(), agent.critic_target.parameters()):
+        torch.testing.assert_close(target_p, 0.75 * before + 0.25 * critic_p)  # Qbar <- (1 - tau) Qbar + tau Q
+
+
+def actor_after_one_step(perturbed: str | None) -> list[torch.Tensor]:
+    agent, batch = tiny_agent(), tiny_batch()
+    if perturbed:
+        perturb(getattr(agent, perturbed))
+    a0, t = torch.randn(8, 2, generator=torch.Generator().manual_seed(2)), torch.linspace(0.05, 0.95, 8).unsqueeze(-1)
+    agent.actor_step(batch["observations"], batch["actions"], a0, t)
+    return [p.detach().clone() for p in agent.actor.parameters()]
+
+
+def test_actor_takes_its_guidance_from_the_target_critic():
+    base = actor_after_one_step(None)
+    assert all(torch.equal(a, b) for a, b in zip(base, actor_after_one_step("critic")))
+    assert not all(torch.equal(a, b) for a, b in zip(base, actor_after_one_step("critic_target")))
