@@ -1,11 +1,14 @@
 """flowq.py: the energy-guided target, a bimodal toy with a known Q, and end-to-end runs on fixture datasets."""
 
 import os
+import runpy
+import sys
 
 import pytest
 import torch
 
-from common.datasets import TRANSITION_KEYS
+import common.datasets
+from common.datasets import TRANSITION_KEYS, OfflineData
 from common.flow import interpolate, target_velocity
 from flowq import (
     Args,
@@ -19,8 +22,9 @@ from flowq import (
     load_checkpoint,
     sample_actions,
     update_schedule,
+    with_domain_defaults,
 )
-from tests.conftest import assert_one_line_error, run_dirs, run_script, scalars
+from tests.conftest import ROOT, assert_one_line_error, run_dirs, run_script, scalars
 from tests.fixtures import write_minari_dataset, write_ogbench_dataset
 
 SCHEDULES = ["t", "t2", "t2_over_1mt", "learned"]
@@ -276,7 +280,8 @@ def test_learned_schedule_drifts_to_its_bound():
 
 def tiny_agent(**flags):
     torch.manual_seed(0)
-    return build_agent(Args(hidden_dim=16, num_layers=2, batch_size=8, cuda=False, **flags), 3, 2, torch.device("cpu"))
+    args = with_domain_defaults(Args(hidden_dim=16, num_layers=2, batch_size=8, cuda=False, **flags))
+    return build_agent(args, 3, 2, torch.device("cpu"))
 
 
 def tiny_batch(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -341,3 +346,53 @@ def test_actor_takes_its_guidance_from_the_target_critic():
     base = actor_after_one_step(None)
     assert all(torch.equal(a, b) for a, b in zip(base, actor_after_one_step("critic")))
     assert not all(torch.equal(a, b) for a, b in zip(base, actor_after_one_step("critic_target")))
+
+
+# ---- Per-domain defaults and the validation split ----
+
+
+@pytest.mark.parametrize(
+    "flags, expectile, episodes",
+    [
+        (dict(dataset="D4RL/antmaze/umaze-v1"), 0.9, 100),  # IQL's AntMaze expectile and 100 episodes
+        (dict(dataset="antmaze-large-navigate-singletask-v0"), 0.9, 50),  # OGBench AntMaze: FQL's 50 episodes
+        (dict(dataset="/tmp/data.npz", env_id="AntMaze_UMaze-v5"), 0.9, 100),
+        (dict(dataset="mujoco/hopper/medium-v0"), 0.7, 50),
+        (dict(dataset="cube-single-play-singletask-v0"), 0.7, 50),
+        (dict(dataset="D4RL/antmaze/umaze-v1", expectile=0.8, eval_episodes=7), 0.8, 7),  # explicit flags win
+    ],
+)
+def test_domain_defaults(flags, expectile, episodes):
+    args = with_domain_defaults(Args(**flags))
+    assert (args.expectile, args.eval_episodes) == (expectile, episodes)
+
+
+def test_validation_losses_are_logged_without_updating(tmp_path, monkeypatch):
+    """With data.validation set (an OfflineData built by hand here; the OGBench loader fills it), every log step
+    writes val/<loss> on a held-out batch, and the training losses are those of a run without validation."""
+    root = str(tmp_path / "minari")
+    write_minari_dataset(root, "test/hopper/random-v0", "Hopper-v5", num_episodes=4, max_steps=40)
+    flags = ["--dataset", "test/hopper/random-v0", "--dataset-dir", root, "--total-steps", "100", "--eval-every", "100"]
+    flags += ["--eval-episodes", "1"]
+    real_load = common.datasets.load_dataset
+
+    def load_with_validation(*args, **kwargs):
+        data = real_load(*args, **kwargs)
+        held_out = {k: getattr(data, k)[:60].clone() for k in TRANSITION_KEYS}
+        data.validation = OfflineData(**held_out, name="held-out", metric=data.metric, make_env=data.make_env)
+        return data
+
+    logged = {}
+    for name, loader in (("plain", real_load), ("validation", load_with_validation)):
+        os.makedirs(tmp_path / name)
+        monkeypatch.chdir(tmp_path / name)
+        monkeypatch.setattr(common.datasets, "load_dataset", loader)
+        monkeypatch.setattr(sys, "argv", ["flowq.py", *TINY, *flags])
+        runpy.run_path(os.path.join(ROOT, "flowq.py"), run_name="__main__")
+        (run_dir,) = run_dirs(tmp_path / name)
+        logged[name] = scalars(run_dir)
+    plain, validated = logged["plain"], logged["validation"]
+    for tag in ("val/qf_loss", "val/vf_loss", "val/actor_loss", "val/flow_loss"):
+        assert [s for s, _ in validated[tag]] == [50, 100] and tag not in plain, tag
+    for tag in ("losses/qf_loss", "losses/actor_loss", "losses/vf_loss", "eval/episodic_return"):
+        assert validated[tag] == plain[tag], tag  # validation neither updates nor shifts the random streams
