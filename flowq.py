@@ -142,26 +142,37 @@ def with_domain_defaults(args: Args) -> Args:
 
 
 def check_args(args: Args) -> None:
-    """One-line errors for flag values that cannot run (before any dataset is loaded)."""
-    problems = [
-        (args.energy_scale < 0, "--energy-scale must be >= 0"),
-        (not 0.0 < args.expectile < 1.0, "--expectile must lie in (0, 1)"),
-        (
-            min(args.total_steps, args.batch_size, args.hidden_dim, args.num_layers, args.flow_steps) < 1,
-            "--total-steps, --batch-size, --hidden-dim, --num-layers and --flow-steps must be positive",
-        ),
-        (
-            min(args.eval_every, args.eval_episodes, args.log_every) < 1,
-            "--eval-every, --eval-episodes and --log-every must be positive",
-        ),
-        (
-            args.cudagraphs and not (args.cuda and torch.cuda.is_available()),
-            "--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)",
-        ),
+    """One-line errors for flag values that cannot run, before any dataset is loaded: every size, count and budget
+    a positive integer, every rate positive and finite, every coefficient in its range."""
+    finite = math.isfinite
+    counts = (
+        "total_steps",
+        "batch_size",
+        "hidden_dim",
+        "num_layers",
+        "flow_steps",
+        "eval_every",
+        "eval_episodes",
+        "log_every",
+    )
+    rules = [(name, "be a positive integer", getattr(args, name) >= 1) for name in counts]
+    rules += [
+        (name, "be positive and finite", finite(getattr(args, name)) and getattr(args, name) > 0)
+        for name in ("actor_lr", "critic_lr", "schedule_lr")
     ]
-    for failed, message in problems:
-        if failed:
-            raise SystemExit(f"error: {message}")
+    rules += [
+        ("gamma", "lie in (0, 1]", 0.0 < args.gamma <= 1.0),
+        ("tau", "lie in (0, 1]", 0.0 < args.tau <= 1.0),
+        ("expectile", "lie in (0, 1)", 0.0 < args.expectile < 1.0),
+        ("energy_scale", "be finite and >= 0", finite(args.energy_scale) and args.energy_scale >= 0.0),
+        ("seed", "lie in [0, 2**32)", 0 <= args.seed < 2**32),
+        ("dataset", "name a dataset", bool(args.dataset.strip())),
+    ]
+    for name, rule, holds in rules:
+        if not holds:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must {rule}, got {getattr(args, name)!r}")
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        raise SystemExit("error: --cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
 
 
 # ---- Dataset ----------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import os
 import runpy
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -422,3 +423,45 @@ def test_compile_matches_eager_flowq():
     for eager_p, compiled_p in zip(eager_params, compiled_params):
         torch.testing.assert_close(compiled_p, eager_p, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled_actions, eager_actions, rtol=1e-4, atol=1e-5)
+
+
+# ---- Bad input: one `error:` line, no traceback, before any dataset is loaded ----
+
+BAD_INPUTS = [
+    (("--total-steps", "0"), "--total-steps must be a positive integer"),
+    (("--batch-size", "0"), "--batch-size must be a positive integer"),
+    (("--batch-size", "-3"), "--batch-size must be a positive integer"),
+    (("--hidden-dim", "0"), "--hidden-dim must be a positive integer"),
+    (("--num-layers", "0"), "--num-layers must be a positive integer"),
+    (("--flow-steps", "0"), "--flow-steps must be a positive integer"),
+    (("--eval-every", "0"), "--eval-every must be a positive integer"),
+    (("--eval-episodes", "0"), "--eval-episodes must be a positive integer"),
+    (("--log-every", "-1"), "--log-every must be a positive integer"),
+    (("--actor-lr", "0"), "--actor-lr must be positive and finite"),
+    (("--critic-lr", "-1e-3"), "--critic-lr must be positive and finite"),
+    (("--critic-lr", "inf"), "--critic-lr must be positive and finite"),
+    (("--schedule-lr", "nan"), "--schedule-lr must be positive and finite"),
+    (("--gamma", "0"), "--gamma must lie in (0, 1]"),
+    (("--gamma", "1.5"), "--gamma must lie in (0, 1]"),
+    (("--tau", "0"), "--tau must lie in (0, 1]"),
+    (("--tau", "1.01"), "--tau must lie in (0, 1]"),
+    (("--expectile", "0"), "--expectile must lie in (0, 1)"),
+    (("--expectile", "1"), "--expectile must lie in (0, 1)"),
+    (("--expectile", "nan"), "--expectile must lie in (0, 1)"),
+    (("--energy-scale", "-0.5"), "--energy-scale must be finite and >= 0"),
+    (("--energy-scale", "inf"), "--energy-scale must be finite and >= 0"),
+    (("--seed", "-1"), "--seed must lie in [0, 2**32)"),
+    (("--dataset", " "), "--dataset must name a dataset"),
+    (("--cudagraphs",), "--cudagraphs needs a CUDA device"),
+]
+
+
+def test_bad_input_ends_in_one_error_line(tmp_path):
+    """Every case fails in check_args: the dataset named here does not exist, so a check that let a value through
+    would end in the loader's different error instead."""
+    missing = ("--dataset", "mujoco/none/missing-v0", "--dataset-dir", str(tmp_path / "none"))
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda case: run_flowq(tmp_path, *missing, *case[0]), BAD_INPUTS))
+    for (flags, fragment), result in zip(BAD_INPUTS, results):
+        assert_one_line_error(result, fragment)
+    assert not os.path.exists(tmp_path / "runs")
