@@ -465,3 +465,26 @@ def test_bad_input_ends_in_one_error_line(tmp_path):
     for (flags, fragment), result in zip(BAD_INPUTS, results):
         assert_one_line_error(result, fragment)
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_eval_episodes_do_not_change_the_training_losses(tmp_path):
+    """Evaluation reseeds its env and forks the torch RNG, so two runs differing only in --eval-episodes log the
+    same losses and charts at every log step (SPS aside)."""
+    root = str(tmp_path / "minari")
+    write_minari_dataset(root, "test/hopper/random-v0", "Hopper-v5", num_episodes=4, max_steps=40)
+    logged = []
+    for episodes in ("1", "3"):
+        cwd = tmp_path / f"episodes{episodes}"
+        os.makedirs(cwd)
+        result = run_flowq(
+            cwd, "--dataset", "test/hopper/random-v0", "--dataset-dir", root, "--total-steps", "150", "--eval-every", "50",
+            "--eval-episodes", episodes,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        (run_dir,) = run_dirs(cwd)
+        logged.append(scalars(run_dir))
+    training = [tag for tag in logged[0] if tag.startswith(("losses/", "charts/")) and tag != "charts/SPS"]
+    assert {"losses/qf_loss", "losses/vf_loss", "losses/actor_loss", "losses/flow_loss"} <= set(training)
+    for tag in training:
+        assert logged[0][tag] == logged[1][tag], tag
+    assert [s for s, _ in logged[0]["eval/episodic_return"]] == [50, 100, 150]
