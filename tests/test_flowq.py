@@ -15,6 +15,7 @@ from flowq import (
     Args,
     LearnedSchedule,
     VelocityField,
+    actor_loss,
     build_agent,
     critic_loss,
     energy_coefficient,
@@ -348,6 +349,28 @@ def test_actor_takes_its_guidance_from_the_target_critic():
     base = actor_after_one_step(None)
     assert all(torch.equal(a, b) for a, b in zip(base, actor_after_one_step("critic")))
     assert not all(torch.equal(a, b) for a, b in zip(base, actor_after_one_step("critic_target")))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_actor_loss_regresses_u_theta_at_a_t_onto_the_guided_target(schedule):
+    """L_pi = || u_theta(a_t, t, s) - (a_1 - a_0) - lambda / mean|Qbar(s, a_1)| c(t) grad_a Qbar(s, a_t) ||^2 with the
+    schedule's own c(t) (docs/flowq-reconstruction.md Sec. 2-4), written out independently of flowq.py."""
+    agent, batch = tiny_agent(schedule=schedule, energy_scale=0.7), tiny_batch()
+    perturb(agent.critic_target)
+    obs, a1 = batch["observations"], batch["actions"]
+    a0, t = torch.randn(8, 2, generator=torch.Generator().manual_seed(2)), torch.linspace(0.05, 0.95, 8).unsqueeze(-1)
+    loss, metrics = actor_loss(agent.actor, agent.energy, agent.schedule, obs, a1, a0, t, schedule, 0.7, True)
+    a_t = t * a1 + (1 - t) * a0
+    query = a_t.clamp(-1, 1).requires_grad_(True)
+    (grad_q,) = torch.autograd.grad(agent.critic_target(obs, query).min(0).values.sum(), query)
+    with torch.no_grad():
+        scale = 0.7 / agent.critic_target(obs, a1).min(0).values.abs().mean()
+        h = {"t": t, "t2": t**2, "t2_over_1mt": t**2 / (1 - t), "learned": t}[schedule]  # a fresh h_theta is t
+        target = (a1 - a0) + scale * h * (1 - t) / t * grad_q
+        velocity = agent.actor(obs, a_t, t)
+    torch.testing.assert_close(loss.detach(), (velocity - target).pow(2).mean())
+    torch.testing.assert_close(metrics["losses/flow_loss"], (velocity - (a1 - a0)).pow(2).mean())
+    torch.testing.assert_close(metrics["charts/effective_energy_scale"], scale)
 
 
 # ---- Per-domain defaults and the validation split ----
