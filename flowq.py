@@ -15,7 +15,7 @@ Everything else is our reconstruction, explained in docs/flowq-reconstruction.md
   - lambda divided by the batch mean |Qbar(s, a_data)| of the target critic, as DAC does (recon Sec. 4). lambda is
     a guidance strength, not the temperature of pi_beta exp(lambda Q): the tilt it realises scales with each state's
     behaviour spread (recon Sec. 4, checked in tests/test_flowq.py);
-  - how h_theta(t) is trained (recon Sec. 5; experimental);
+  - how h_theta(t) is trained: fitted to the Gaussian-matched schedule (recon Sec. 5);
   - the critic: IQL-style expectile V, twin Q and a Polyak target (recon Sec. 6);
   - 10 explicit Euler steps at inference, one stochastic sample per action (recon Sec. 7);
   - all hyperparameters, including lambda for each domain, network sizes and learning rates.
@@ -107,14 +107,14 @@ class Args:
     state's behaviour spread s (a Gaussian behaviour moves by lambda J(s) grad Q, J(0.1) = 0.09, J(0.3) = 0.25, where
     the exact tilt moves by lambda s^2 grad Q; docs/flowq-reconstruction.md Sec. 4). Default 2.5 [ours], untuned"""
     schedule: Literal["t", "t2", "t2_over_1mt", "learned"] = "t"
-    """energy schedule h(t) of the paper's Fig. 2: t (default), t^2, t^2/(1-t), or `learned`, EXPERIMENTAL: our
-    h_theta objective has no counterweight and drifts to its bound 2t, i.e. it doubles lambda
-    (docs/flowq-reconstruction.md Sec. 5)"""
+    """energy schedule h(t) of the paper's Fig. 2: t (default), t^2, t^2/(1-t), or `learned`: h_theta(t) fitted to
+    the Gaussian-matched schedule t Var(a_1 - a_0 | a_t), with which a Gaussian behaviour gets the exact tilt
+    pi_beta exp(lambda Q) [ours, docs/flowq-reconstruction.md Sec. 5]"""
     normalize_energy: bool = True
     """divide lambda by the batch mean |Qbar(s, a_data)| of the target critic (as DAC does), so one lambda fits any
     reward scale [ours, docs/flowq-reconstruction.md Sec. 4]"""
     schedule_lr: float = 1e-3
-    """learning rate of h_theta(t) (--schedule learned, experimental) [ours]"""
+    """learning rate of h_theta(t) (--schedule learned) [ours]"""
 
     # Evaluation and logging
     flow_steps: int = 10
@@ -221,8 +221,8 @@ class ValueNetwork(nn.Module):
 class LearnedSchedule(nn.Module):
     """h_theta(t) = 2 t sigmoid(f_theta(t)): h(0) = 0, 0 <= h <= 2t, and h = t at initialization [ours].
 
-    The paper names a learnable h_theta(t) (Fig. 2) but not how it is trained; our objective is in
-    docs/flowq-reconstruction.md Sec. 5 (`update_schedule`).
+    The paper names a learnable h_theta(t) (Fig. 2) but not how it is trained; ours is fitted to the Gaussian-matched
+    schedule (`update_schedule`, docs/flowq-reconstruction.md Sec. 5).
     """
 
     def __init__(self, hidden_dim: int = 32):
@@ -231,9 +231,13 @@ class LearnedSchedule(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
+    def ratio(self, t: torch.Tensor) -> torch.Tensor:
+        """h_theta(t) / t = 2 sigmoid(f_theta(t))."""
+        return 2.0 * torch.sigmoid(self.net(t))
+
     def coefficient(self, t: torch.Tensor) -> torch.Tensor:
         """c(t) = h(t) (1 - t) / t = 2 sigmoid(f(t)) (1 - t), without the 1/t singularity."""
-        return 2.0 * torch.sigmoid(self.net(t)) * (1.0 - t)
+        return self.ratio(t) * (1.0 - t)
 
 
 class CriticEnsemble(nn.Module):
@@ -413,19 +417,24 @@ def update_actor(
     return metrics
 
 
-def update_schedule(schedule, q_fn, optimizer, obs, actions, a0, t, *, energy_scale: float, normalize_energy: bool):
-    """EXPERIMENTAL: h_theta(t) as a learned step size along grad_a Q [ours, docs/flowq-reconstruction.md Sec. 5]:
-    maximize Qbar(s, a_1_hat) at the one-step endpoint a_1_hat = a_t + (1 - t) u_hat_t of the guided target. Nothing
-    holds it back, so h_theta drifts to its bound 2t (tests/test_flowq.py checks this)."""
-    coefficient = schedule.coefficient(t)
-    target, a_t, _, _ = guided_target(q_fn, obs, a0, actions, t, energy_scale, coefficient, normalize_energy)
-    loss = -q_fn(obs, (a_t + (1.0 - t) * target).clamp(-1.0, 1.0)).mean()
+def update_schedule(
+    schedule, actor, q_fn, optimizer, obs, actions, a0, t, *, energy_scale: float, normalize_energy: bool
+) -> dict[str, torch.Tensor]:
+    """Fit h_theta to the Gaussian-matched schedule h*(t) = t Var(a_1 - a_0 | a_t, s) per action dimension [ours,
+    docs/flowq-reconstruction.md Sec. 4-5]: regress h_theta(t) / t onto the guided flow-matching residual
+    || u_theta(a_t, t, s) - u_hat_t ||^2 / d, whose mean at the optimum is that variance. On a Gaussian behaviour the
+    guided flow then realises the exact tilt pi_beta exp(lambda Q) (tests/test_flowq.py)."""
+    with torch.no_grad():
+        coefficient = schedule.coefficient(t)
+        target, a_t, _, _ = guided_target(q_fn, obs, a0, actions, t, energy_scale, coefficient, normalize_energy)
+        residual = (actor(obs, a_t, t) - target).pow(2).mean(-1, keepdim=True)
+    loss = F.mse_loss(schedule.ratio(t), residual)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=list(schedule.parameters()))
+    loss.backward()
     optimizer.step()
     return {
         "losses/schedule_loss": loss.detach(),
-        "charts/h_at_half": schedule.coefficient(torch.full_like(t[:1], 0.5))[0, 0].detach(),
+        "charts/h_at_half": 0.5 * schedule.ratio(torch.full_like(t[:1], 0.5))[0, 0].detach(),
     }
 
 
@@ -443,9 +452,10 @@ def build_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device) ->
     schedule_optimizer = adam(schedule.parameters(), lr=args.schedule_lr) if schedule else None
     q_target_min = lambda o, a: critic_target(o, a).min(0).values  # the actor's energy: min_j Qbar_j (recon Sec. 4)
     guidance = dict(energy_scale=args.energy_scale, normalize_energy=args.normalize_energy)
+    speed_up = torch.compile if args.compile else lambda fn: fn  # compile the functions, not the partials: one cache each
     steps = dict(
         critic_step=partial(
-            update_critic,
+            speed_up(update_critic),
             critic,
             critic_target,
             value,
@@ -455,14 +465,14 @@ def build_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device) ->
             tau=args.tau,
         ),
         actor_step=partial(
-            update_actor, actor, q_target_min, schedule, actor_optimizer, schedule_name=args.schedule, **guidance
+            speed_up(update_actor), actor, q_target_min, schedule, actor_optimizer, schedule_name=args.schedule, **guidance
         ),
-        policy_step=partial(act, actor, flow_steps=args.flow_steps),
+        policy_step=partial(speed_up(act), actor, flow_steps=args.flow_steps),
     )
     if schedule is not None and args.energy_scale > 0.0:
-        steps["schedule_step"] = partial(update_schedule, schedule, q_target_min, schedule_optimizer, **guidance)
-    if args.compile:
-        steps = {k: torch.compile(f) for k, f in steps.items()}
+        steps["schedule_step"] = partial(
+            speed_up(update_schedule), schedule, actor, q_target_min, schedule_optimizer, **guidance
+        )
     if args.cudagraphs:
         steps = {k: CudaGraphStep(f) for k, f in steps.items()}
     return SimpleNamespace(

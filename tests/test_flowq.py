@@ -24,6 +24,7 @@ from flowq import (
     load_checkpoint,
     sample_actions,
     train_step,
+    update_actor,
     update_schedule,
     with_domain_defaults,
 )
@@ -263,19 +264,28 @@ def test_trained_flow_realises_the_closed_form_shift():
     assert shift == pytest.approx(shift_factor(lambda t: 1 - t, s), abs=0.04)
 
 
-def test_learned_schedule_drifts_to_its_bound():
-    """The experimental h_theta objective (max Q at the one-step endpoint) has no counterweight: on a linear Q,
-    h_theta(1/2) climbs from 1/2 to its bound 2 t = 1, i.e. the learned schedule only doubles lambda."""
+def test_learned_schedule_fits_the_gaussian_matched_schedule_and_realises_the_exact_tilt():
+    """Training u_theta and h_theta together (flowq's update_actor and update_schedule, lambda = 1, Q = a) on
+    a_1 ~ N(-0.2, 0.3^2): h_theta(t) / t approaches s^2 / sigma_t^2 (the Gaussian-matched h*(t) / t) and the flow
+    moves the behaviour mean by the exact tilt lambda s^2 = 0.09, where h = t moves it by J(0.3) = 0.245."""
     torch.manual_seed(0)
-    schedule = LearnedSchedule()
-    optimizer = torch.optim.Adam(schedule.parameters(), lr=1e-2)
-    linear_q = lambda o, a: a.sum(-1)
-    for _ in range(300):
-        a1, a0, t = 0.3 * torch.randn(256, 1), torch.randn(256, 1), torch.rand(256, 1)
-        metrics = update_schedule(
-            schedule, linear_q, optimizer, torch.zeros(256, 1), a1, a0, t, energy_scale=1.0, normalize_energy=False
-        )
-    assert metrics["charts/h_at_half"].item() > 0.95
+    mu, s = -0.2, 0.3
+    actor, schedule = VelocityField(1, 1, 64, 2), LearnedSchedule()
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=2e-3)
+    schedule_optimizer = torch.optim.Adam(schedule.parameters(), lr=1e-2)
+    obs, linear_q = torch.zeros(512, 1), lambda o, a: a.sum(-1)
+    guidance = dict(energy_scale=1.0, normalize_energy=False)
+    for step in range(2000):
+        for group in actor_optimizer.param_groups:
+            group["lr"] = 2e-3 if step < 1500 else 5e-4
+        a1, a0, t = mu + s * torch.randn(512, 1), torch.randn(512, 1), torch.rand(512, 1)
+        update_actor(actor, linear_q, schedule, actor_optimizer, obs, a1, a0, t, schedule_name="learned", **guidance)
+        update_schedule(schedule, actor, linear_q, schedule_optimizer, obs, a1, a0, t, **guidance)
+    t = torch.tensor([[0.1], [0.3], [0.5], [0.7], [0.9]])
+    with torch.no_grad():
+        torch.testing.assert_close(schedule.ratio(t), s**2 / spread(t, s) ** 2, rtol=0.15, atol=0.02)
+    shift = sample_actions(actor, torch.zeros(20_000, 1), flow_steps=50).mean().item() - mu
+    assert shift == pytest.approx(s**2, abs=0.03)
 
 
 # ---- The wiring of the critic and target critic, masks, Polyak (what a wrong algorithm breaks) ----
@@ -427,13 +437,13 @@ def test_validation_losses_are_logged_without_updating(tmp_path, monkeypatch):
 
 
 def test_compile_matches_eager_flowq():
-    """One training iteration (critic step, actor step with its grad_a Q) and acting under torch.compile give the
+    """One training iteration (critic, actor and h_theta steps, with grad_a Q) and acting under torch.compile give the
     eager losses, parameters and actions from the same seed and batch, within float tolerance."""
     batch, t = tiny_batch(), torch.linspace(0.05, 0.95, 8).unsqueeze(-1)
     a0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
     results = []
     for compiled in (False, True):
-        agent = tiny_agent(compile=compiled, flow_steps=2)
+        agent = tiny_agent(compile=compiled, flow_steps=2, schedule="learned")
         metrics = train_step(agent, batch, a0, t)
         params = [
             p.detach().clone() for m in (agent.actor, agent.critic, agent.critic_target, agent.value) for p in m.parameters()
