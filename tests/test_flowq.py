@@ -521,3 +521,15 @@ def test_eval_episodes_do_not_change_the_training_losses(tmp_path):
     for tag in training:
         assert logged[0][tag] == logged[1][tag], tag
     assert [s for s, _ in logged[0]["eval/episodic_return"]] == [50, 100, 150]
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
+    """A diverging critic (absurd learning rate) is caught at the step it first appears, reported at the next log
+    step as one line naming the metric and that step."""
+    root = str(tmp_path / "minari")
+    write_minari_dataset(root, "test/hopper/random-v0", "Hopper-v5", num_episodes=2, max_steps=40)
+    result = run_flowq(
+        tmp_path, "--dataset", "test/hopper/random-v0", "--dataset-dir", root, "--total-steps", "100", "--critic-lr", "1e30"
+    )
+    assert_one_line_error(result, "became non-finite at step 1; stopping (logs kept in runs/test-hopper-random-v0__flowq__1__")
+    assert len(run_dirs(tmp_path)) == 1
