@@ -22,12 +22,11 @@ Everything else is our reconstruction, explained in docs/flowq-reconstruction.md
 No FlowQ scores were available to compare against.
 """
 
-import dataclasses
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from types import SimpleNamespace
 from typing import Literal
@@ -134,7 +133,7 @@ def with_domain_defaults(args: Args) -> Args:
     (FQL). Runs before any dataset is loaded (docs/flowq-reconstruction.md Sec. 9)."""
     antmaze = "antmaze" in " ".join(str(x) for x in (args.dataset, args.env_id, args.d4rl_name)).lower()
     d4rl_antmaze = antmaze and not is_ogbench_name(os.path.basename(args.dataset))
-    return dataclasses.replace(
+    return replace(
         args,
         expectile=(0.9 if antmaze else 0.7) if args.expectile is None else args.expectile,
         eval_episodes=(100 if d4rl_antmaze else 50) if args.eval_episodes is None else args.eval_episodes,
