@@ -347,7 +347,7 @@ def critic_loss(
     critic: CriticEnsemble, critic_target: CriticEnsemble, value: ValueNetwork, batch: dict, gamma: float, expectile: float
 ):
     """IQL's losses (docs/flowq-reconstruction.md Sec. 6): L_V = L_2^tau(min_j Qbar_j(s, a) - V(s)) and
-    L_Q = sum_j (r + gamma m V(s') - Q_j(s, a))^2 with m the bootstrap mask. Returns (L_V + L_Q, metrics)."""
+    L_Q = mean_j (r + gamma m V(s') - Q_j(s, a))^2 with m the bootstrap mask (batch means). Returns (L_V + L_Q, metrics)."""
     with torch.no_grad():
         target_q = critic_target(batch["observations"], batch["actions"]).min(0).values
         q_backup = batch["rewards"] + gamma * batch["masks"] * value(batch["next_observations"])
