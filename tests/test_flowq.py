@@ -1,4 +1,6 @@
-"""flowq.py: the energy-guided target, a bimodal toy with a known Q, and end-to-end runs on fixture datasets."""
+"""flowq.py: the energy-guided target and actor loss, what lambda does on a Gaussian behaviour (closed form, exact
+and trained flows), the learned schedule, the critic's wiring, per-domain defaults, validation, --compile, bad input,
+and end-to-end runs on fixture datasets."""
 
 import os
 import runpy
