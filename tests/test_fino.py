@@ -627,29 +627,28 @@ import common.datasets as datasets
 load = datasets.load_dataset
 
 
-def load_with_validation(*args, **kwargs):  # a held-out split made by hand: the first 100 rows
+def load_without_validation(*args, **kwargs):  # the same dataset with its held-out split dropped
     data = load(*args, **kwargs)
-    rows = {{k: getattr(data, k)[:100] for k in datasets.TRANSITION_KEYS}}
-    data.validation = datasets.OfflineData(**rows, name="val", metric=data.metric, make_env=data.make_env)
+    data.validation = None
     return data
 
 
-datasets.load_dataset = load_with_validation
+datasets.load_dataset = load_without_validation
 sys.argv = ["fino.py", *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """
 
 
 def test_eval_episodes_and_validation_do_not_touch_the_training_losses(tmp_path, ogbench_dir):
-    """Three runs that differ only in --eval-episodes (1, 2) and in a validation split: identical training curves;
-    the run with the split logs val/<loss> at every log step."""
+    """Three runs that differ only in --eval-episodes (1, 2) and in whether the OGBench `-val` split is used: identical
+    training curves; the runs with the split log val/<loss> at every log step."""
     flags = ["--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--offline-steps", "100", "--online-steps", "100"]
     flags += ["--eval-every", "100", "--beta-update-every", "50", "--num-candidates", "2", *TINY]
     logs = []
-    for name, extra in (("one", ["--eval-episodes", "1"]), ("two", ["--eval-episodes", "2"]), ("val", [])):
+    for name, extra in (("one", ["--eval-episodes", "1"]), ("two", ["--eval-episodes", "2"]), ("noval", [])):
         (tmp_path / name).mkdir()
-        if name == "val":
-            wrapper = tmp_path / "with_validation.py"
+        if name == "noval":
+            wrapper = tmp_path / "without_validation.py"
             wrapper.write_text(VALIDATION_WRAPPER.format(root=ROOT, script=os.path.join(ROOT, "fino.py")))
             result = run_script(tmp_path / name, str(wrapper), *flags, *extra)
         else:
@@ -657,15 +656,15 @@ def test_eval_episodes_and_validation_do_not_touch_the_training_losses(tmp_path,
         assert result.returncode == 0, result.stderr[-2000:]
         (run_dir,) = run_dirs(tmp_path / name)
         logs.append(scalars(run_dir))
-    one, two, val = logs
+    one, two, noval = logs
     training = [tag for tag in one if tag.startswith("losses/")] + ["charts/beta", "charts/entropy"]
     assert len(training) == 8 and len(one["losses/qf_loss"]) == 4
     for tag in training:
-        assert one[tag] == two[tag] == val[tag], tag
+        assert one[tag] == two[tag] == noval[tag], tag
     assert [s for s, _ in one["eval/episodic_return"]] == [s for s, _ in two["eval/episodic_return"]] == [100, 200]
     for tag in ("qf_loss", "qf_values", "flow_loss", "distill_loss", "actor_q_loss", "total_loss"):
-        assert [s for s, _ in val[f"val/{tag}"]] == [50, 100, 150, 200]
-        assert f"val/{tag}" not in one
+        assert [s for s, _ in one[f"val/{tag}"]] == [s for s, _ in two[f"val/{tag}"]] == [50, 100, 150, 200]
+        assert f"val/{tag}" not in noval
 
 
 def test_file_dataset_run_is_named_after_the_files_base_name(tmp_path):
