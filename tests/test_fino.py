@@ -670,7 +670,7 @@ def test_eval_episodes_and_validation_do_not_touch_the_training_losses(tmp_path,
 def test_file_dataset_run_is_named_after_the_files_base_name(tmp_path):
     path = str(tmp_path / "pendulum-random.npz")
     write_d4rl_file(path, "Pendulum-v1", num_episodes=2, max_steps=30)
-    flags = ["--dataset", path, "--env-id", "Pendulum-v1", "--dataset-source", "file", "--d4rl-name", "pendulum-random"]
+    flags = ["--dataset", path, "--env-id", "Pendulum-v1", "--dataset-source", "file"]
     result = run_fino(tmp_path, *flags, "--algo", "fql", "--offline-steps", "50", "--online-steps", "0", *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = run_dirs(tmp_path)
