@@ -1,4 +1,4 @@
-"""Plot scalar curves from TensorBoard event files (needs matplotlib: `pip install matplotlib`).
+"""Plot scalar curves from TensorBoard event files (needs the plotting extra: `pip install -r requirements-plots.txt`).
 
 One curve per run directory; runs that share a label are averaged (shaded: min to max).
 
@@ -58,7 +58,7 @@ if __name__ == "__main__":
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("error: plotting needs matplotlib: pip install matplotlib")
+        sys.exit("error: plotting needs the plotting extra: pip install -r requirements-plots.txt")
     if args.labels and len(args.labels) != len(args.runs):
         sys.exit(f"error: {len(args.labels)} labels for {len(args.runs)} runs")
     groups = defaultdict(list)
