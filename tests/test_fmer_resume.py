@@ -1,0 +1,169 @@
+"""fmer.py --resume: a run stopped by a signal and resumed ends exactly as the same run uninterrupted; checkpointing
+itself changes nothing; bad resume inputs end in one `error:` line. CPU, tiny networks, Pendulum-v1 (200-step
+episodes, so checkpoints fall at multiples of 200)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, run_script, scalars
+
+TINY = ["--env-id", "Pendulum-v1", "--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--log-every", "20"]
+TINY += ["--num-candidates", "4", "--flow-steps", "3", "--total-timesteps", "1400", "--eval-every", "200"]
+# evaluations (3 episodes) slow the warm-up down enough that a stop sent after the first checkpoint (step 200)
+# lands at step 400 or 600: after the warm-up with 64 warm-up steps, inside it with 1000
+SCENARIOS = {"stop_after_warmup": ["--learning-starts", "64"], "stop_in_warmup": ["--learning-starts", "1000"]}
+EVAL = ["--eval-episodes", "3"]
+SAVE = ["--save-model", "--save-buffer"]
+
+
+def curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar but the wall-clock SPS."""
+    return {tag: points for tag, points in scalars(run_dir).items() if tag != "charts/SPS"}
+
+
+def start(cwd, *flags: str) -> subprocess.Popen:
+    command = [sys.executable, os.path.join(ROOT, "fmer.py"), *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def stop_after_first_checkpoint(cwd, name: str, *flags: str, signals=(signal.SIGTERM,)) -> subprocess.Popen:
+    """Start a --save-model run named `name`, send `signals` once its first checkpoint exists, wait for its exit."""
+    process = start(cwd, "--run-name", name, *flags)
+    checkpoint = os.path.join(cwd, "runs", name, "fmer.pt")
+    while not os.path.exists(checkpoint):  # written atomically: it exists only whole
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    for signum in signals:
+        process.send_signal(signum)
+    process.stdout_text, process.stderr_text = process.communicate(timeout=600)
+    return process
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted runs of each scenario (no checkpoints), computed once: name -> curves."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    result = {}
+    for name, flags in SCENARIOS.items():
+        done = run_script(cwd, "fmer.py", "--run-name", name, *TINY, *flags, *EVAL)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result[name] = curves(os.path.join(cwd, "runs", name))
+    return result
+
+
+def test_checkpointing_does_not_change_the_run(tmp_path, uninterrupted):
+    """--save-model --save-buffer (checkpoints at every evaluation, at episode ends) logs exactly what the run
+    without checkpoints logs: saving reads the RNG states, it never draws from them."""
+    done = run_script(tmp_path, "fmer.py", "--run-name", "saved", *TINY, *SCENARIOS["stop_after_warmup"], *EVAL, *SAVE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = curves(str(tmp_path / "runs" / "saved"))
+    assert "losses/qf_loss" in logged and len(logged["eval/episodic_return"]) == 7
+    assert logged == uninterrupted["stop_after_warmup"]
+    checkpoint = torch.load(tmp_path / "runs" / "saved" / "fmer.pt", weights_only=False)
+    assert checkpoint["global_step"] == 1400 and {"rng", "actor_schedule", "log_alpha", "beta_optimizer"} <= set(checkpoint)
+    buffer = torch.load(tmp_path / "runs" / "saved" / "buffer.pt", weights_only=False)
+    assert buffer["global_step"] == 1400 and buffer["replay"].shape == (1400, 2 * 3 + 1 + 2)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_stopped_and_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninterrupted, scenario):
+    """SIGTERM once the first checkpoint exists: the run checkpoints at the next episode end and exits 143; --resume
+    continues it to the same final losses and evaluation returns (and the same curves: events the stopped run wrote
+    after its checkpoint are purged)."""
+    stopped = stop_after_first_checkpoint(tmp_path, "run", *TINY, *SCENARIOS[scenario], *EVAL, *SAVE)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr_text[-3000:]
+    stop_step = torch.load(tmp_path / "runs" / "run" / "fmer.pt", weights_only=False)["global_step"]
+    assert f"interrupted at step {stop_step} by SIGTERM" in stopped.stdout_text
+    assert 400 <= stop_step < 1400 and stop_step % 200 == 0  # between episodes, after the first checkpoint
+    if scenario == "stop_in_warmup":  # the action space's RNG draws the rest of the warm-up
+        assert stop_step < 1000
+    resumed = run_script(tmp_path, "fmer.py", "--resume", "runs/run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logged, expected = curves(str(tmp_path / "runs" / "run")), uninterrupted[scenario]
+    for tag in expected:
+        if tag.startswith(("losses/", "eval/")):
+            assert logged[tag][-1] == expected[tag][-1], tag  # the final values, exactly
+    assert logged == expected
+
+
+def test_stop_signals(tmp_path):
+    """A SIGTERM after a Ctrl-C does not cancel the Ctrl-C's checkpoint (exit 130); without --save-model a stop
+    request (SIGUSR2, Slurm's preemption) exits at once with 140."""
+    stopped = stop_after_first_checkpoint(
+        tmp_path, "run", *TINY, "--learning-starts", "64", *SAVE, signals=(signal.SIGINT, signal.SIGTERM)
+    )
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr_text[-3000:]
+    assert torch.load(tmp_path / "runs" / "run" / "fmer.pt", weights_only=False)["global_step"] >= 400
+    process = start(tmp_path, "--run-name", "unsaved", *TINY, "--learning-starts", "64", "--total-timesteps", "100000")
+    while not os.path.exists(tmp_path / "runs" / "unsaved"):
+        time.sleep(0.02)
+    time.sleep(1.0)  # past the set-up
+    process.send_signal(signal.SIGUSR2)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGUSR2, stderr[-3000:]
+    assert "by SIGUSR2; no checkpoint" in stdout
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny run with its checkpoint and buffer (runs/ok), to copy and spoil."""
+    cwd = tmp_path_factory.mktemp("finished")
+    flags = [*TINY, "--learning-starts", "64", "--total-timesteps", "100", "--eval-every", "100", "--eval-episodes", "1"]
+    done = run_script(cwd, "fmer.py", "--run-name", "ok", *flags, *SAVE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cwd / "runs" / "ok"
+
+
+def spoil(run_dir, how: str) -> None:
+    if how == "no checkpoint":
+        os.remove(run_dir / "fmer.pt")
+    elif how == "not a checkpoint":
+        (run_dir / "fmer.pt").write_text("not a checkpoint")
+    elif how == "another script's":
+        torch.save({"script": "fino.py", "args": {}}, run_dir / "fmer.pt")
+    elif how == "other network sizes":
+        checkpoint = torch.load(run_dir / "fmer.pt", weights_only=False)
+        checkpoint["args"]["hidden_dim"] = 32
+        torch.save(checkpoint, run_dir / "fmer.pt")
+    elif how == "no buffer":
+        os.remove(run_dir / "buffer.pt")
+    elif how == "buffer of another step":
+        buffer = torch.load(run_dir / "buffer.pt", weights_only=False)
+        torch.save(dict(buffer, global_step=80), run_dir / "buffer.pt")
+
+
+BAD_RESUMES = [
+    ("missing folder", ["--resume", "runs/nope"], "no checkpoint at 'runs/nope/fmer.pt'"),
+    ("no checkpoint", ["--resume", "runs/ok"], "no checkpoint at 'runs/ok/fmer.pt'"),
+    ("not a checkpoint", ["--resume", "runs/ok"], "'runs/ok/fmer.pt' is not a checkpoint ("),
+    ("another script's", ["--resume", "runs/ok"], "'runs/ok/fmer.pt' is not a checkpoint of fmer.py"),
+    ("other network sizes", ["--resume", "runs/ok"], "holds networks of another size (--hidden-dim/--num-layers"),
+    ("no buffer", ["--resume", "runs/ok"], "no replay buffer 'runs/ok/buffer.pt'; run with --save-model --save-buffer"),
+    ("buffer of another step", ["--resume", "runs/ok"], "'runs/ok/buffer.pt' is of step 80, the checkpoint of step 100"),
+    ("flag differs", ["--resume", "runs/ok", "--hidden-dim", "32"], "flag --hidden-dim differs from the run's (32 vs 16)"),
+    ("bool flag differs", ["--resume", "runs/ok", "--no-autotune"], "flag --autotune differs from the run's (False vs True)"),
+    ("other run name", ["--resume", "runs/ok", "--run-name", "other"], "--run-name other does not name the resumed folder"),
+    ("buffer without model", ["--save-buffer"], "--save-buffer needs --save-model"),
+    ("run name with a slash", ["--run-name", "a/b"], "--run-name must be a folder name under runs/"),
+]
+
+
+@pytest.mark.parametrize("how, flags, message", BAD_RESUMES, ids=[how for how, _, _ in BAD_RESUMES])
+def test_bad_resume_ends_with_one_error_line(tmp_path, finished_run, how, flags, message):
+    shutil.copytree(finished_run, tmp_path / "runs" / "ok")
+    spoil(tmp_path / "runs" / "ok", how)
+    assert_one_line_error(run_script(tmp_path, "fmer.py", *flags), message)
+
+
+def test_resume_accepts_the_runs_own_flags(tmp_path, finished_run):
+    """The sweep's call: --run-name naming the folder, flags equal to the run's, --no-cuda (free) next to --resume."""
+    shutil.copytree(finished_run, tmp_path / "runs" / "ok")
+    done = run_script(tmp_path, "fmer.py", "--resume", "runs/ok", "--run-name", "ok", "--hidden-dim", "16", "--no-cuda")
+    assert done.returncode == 0, done.stderr[-3000:]
