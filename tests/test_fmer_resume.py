@@ -1,6 +1,7 @@
 """fmer.py --resume: a run stopped by a signal and resumed ends exactly as the same run uninterrupted; checkpointing
-itself changes nothing; bad resume inputs end in one `error:` line. CPU, tiny networks, Pendulum-v1 (200-step
-episodes, so checkpoints fall at multiples of 200)."""
+itself changes nothing; bad resume inputs end in one `error:` line. CPU, tiny networks, Pendulum-v1: 200-step
+episodes and evaluations every 300 steps, so checkpoints (at the first episode end at or after an evaluation) fall
+at 400, 600, 1000, 1200 and 1400, and a checkpoint taken mid-episode (at the evaluation) would show."""
 
 import os
 import shutil
@@ -14,9 +15,9 @@ import torch
 from conftest import ROOT, assert_one_line_error, run_script, scalars
 
 TINY = ["--env-id", "Pendulum-v1", "--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--log-every", "20"]
-TINY += ["--num-candidates", "4", "--flow-steps", "3", "--total-timesteps", "1400", "--eval-every", "200"]
-# evaluations (3 episodes) slow the warm-up down enough that a stop sent after the first checkpoint (step 200)
-# lands at step 400 or 600: after the warm-up with 64 warm-up steps, inside it with 1000
+TINY += ["--num-candidates", "4", "--flow-steps", "3", "--total-timesteps", "1400", "--eval-every", "300"]
+# evaluations (3 episodes) slow the warm-up down enough that a stop sent after the first checkpoint (step 400)
+# lands at step 600 or 800: after the warm-up with 64 warm-up steps, inside it with 1000
 SCENARIOS = {"stop_after_warmup": ["--learning-starts", "64"], "stop_in_warmup": ["--learning-starts", "1000"]}
 EVAL = ["--eval-episodes", "3"]
 SAVE = ["--save-model", "--save-buffer"]
@@ -64,7 +65,7 @@ def test_checkpointing_does_not_change_the_run(tmp_path, uninterrupted):
     done = run_script(tmp_path, "fmer.py", "--run-name", "saved", *TINY, *SCENARIOS["stop_after_warmup"], *EVAL, *SAVE)
     assert done.returncode == 0, done.stderr[-3000:]
     logged = curves(str(tmp_path / "runs" / "saved"))
-    assert "losses/qf_loss" in logged and len(logged["eval/episodic_return"]) == 7
+    assert "losses/qf_loss" in logged and len(logged["eval/episodic_return"]) == 5
     assert logged == uninterrupted["stop_after_warmup"]
     checkpoint = torch.load(tmp_path / "runs" / "saved" / "fmer.pt", weights_only=False)
     assert checkpoint["global_step"] == 1400 and {"rng", "actor_schedule", "log_alpha", "beta_optimizer"} <= set(checkpoint)
@@ -81,7 +82,7 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninter
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr_text[-3000:]
     stop_step = torch.load(tmp_path / "runs" / "run" / "fmer.pt", weights_only=False)["global_step"]
     assert f"interrupted at step {stop_step} by SIGTERM" in stopped.stdout_text
-    assert 400 <= stop_step < 1400 and stop_step % 200 == 0  # between episodes, after the first checkpoint
+    assert 600 <= stop_step < 1400 and stop_step % 200 == 0  # between episodes, after the first checkpoint
     if scenario == "stop_in_warmup":  # the action space's RNG draws the rest of the warm-up
         assert stop_step < 1000
     resumed = run_script(tmp_path, "fmer.py", "--resume", "runs/run")
@@ -93,6 +94,22 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninter
     assert logged == expected
 
 
+def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninterrupted):
+    """SIGKILL (no checkpoint on the way out) a while after the first checkpoint: --resume continues from the last
+    checkpoint, and the TensorBoard events the killed run wrote after it are purged, so the curves are the same."""
+    process = start(tmp_path, "--run-name", "run", *TINY, *SCENARIOS["stop_after_warmup"], *EVAL, *SAVE)
+    while not os.path.exists(tmp_path / "runs" / "run" / "fmer.pt"):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    time.sleep(1.0)  # it logs on past the checkpoint
+    process.kill()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    resumed = run_script(tmp_path, "fmer.py", "--resume", "runs/run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert curves(str(tmp_path / "runs" / "run")) == uninterrupted["stop_after_warmup"]
+
+
 def test_stop_signals(tmp_path):
     """A SIGTERM after a Ctrl-C does not cancel the Ctrl-C's checkpoint (exit 130); without --save-model a stop
     request (SIGUSR2, Slurm's preemption) exits at once with 140."""
@@ -100,7 +117,7 @@ def test_stop_signals(tmp_path):
         tmp_path, "run", *TINY, "--learning-starts", "64", *SAVE, signals=(signal.SIGINT, signal.SIGTERM)
     )
     assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr_text[-3000:]
-    assert torch.load(tmp_path / "runs" / "run" / "fmer.pt", weights_only=False)["global_step"] >= 400
+    assert torch.load(tmp_path / "runs" / "run" / "fmer.pt", weights_only=False)["global_step"] >= 600
     process = start(tmp_path, "--run-name", "unsaved", *TINY, "--learning-starts", "64", "--total-timesteps", "100000")
     while not os.path.exists(tmp_path / "runs" / "unsaved"):
         time.sleep(0.02)
