@@ -691,16 +691,22 @@ def resume_args(args: Args, device: torch.device) -> tuple[Args, dict]:
     return given, state
 
 
+def env_generators(env: gym.Env) -> list[np.random.Generator]:
+    """The training env's own random generators: its reset noise, its action space's warm-up samples and, in
+    FrankaKitchen-v1, the robot's observation noise (drawn at every step)."""
+    robot_env = getattr(env.unwrapped, "robot_env", None)
+    return [env.unwrapped.np_random, env.action_space.np_random] + ([robot_env.np_random] if robot_env else [])
+
+
 def rng_states(env: gym.Env) -> dict:
-    """Every random stream the rest of a run draws from: torch (CPU, CUDA), numpy, python, and the training env's own
-    (its reset noise and its action space's warm-up samples). Reading them draws nothing."""
+    """Every random stream the rest of a run draws from: torch (CPU, CUDA), numpy, python and the training env's own.
+    Reading them draws nothing."""
     return dict(
         torch=torch.get_rng_state(),
         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         numpy=np.random.get_state(),
         python=random.getstate(),
-        env=env.unwrapped.np_random.bit_generator.state,
-        action_space=env.action_space.np_random.bit_generator.state,
+        env=[generator.bit_generator.state for generator in env_generators(env)],
     )
 
 
@@ -710,8 +716,8 @@ def set_rng_states(states: dict, env: gym.Env) -> None:
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    env.unwrapped.np_random.bit_generator.state = states["env"]
-    env.action_space.np_random.bit_generator.state = states["action_space"]
+    for generator, state in zip(env_generators(env), states["env"], strict=True):
+        generator.bit_generator.state = state
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:

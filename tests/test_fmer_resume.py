@@ -94,6 +94,30 @@ def test_stopped_and_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninter
     assert logged == expected
 
 
+def test_kitchen_resume_restores_the_robots_observation_noise(tmp_path):
+    """FrankaKitchen-v1 draws observation noise at every step from its inner robot env's generator: a resumed run
+    (280-step episodes) still ends as the uninterrupted one."""
+    flags = [
+        *TINY,
+        "--env-id",
+        "FrankaKitchen-v1",
+        "--learning-starts",
+        "64",
+        "--total-timesteps",
+        "1200",
+        "--eval-episodes",
+        "1",
+    ]
+    done = run_script(tmp_path, "fmer.py", "--run-name", "whole", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped = stop_after_first_checkpoint(tmp_path, "run", *flags, *SAVE)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr_text[-3000:]
+    resumed = run_script(tmp_path, "fmer.py", "--resume", "runs/run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logged, expected = curves(str(tmp_path / "runs" / "run")), curves(str(tmp_path / "runs" / "whole"))
+    assert "eval/success_rate" in expected and logged == expected
+
+
 def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninterrupted):
     """SIGKILL (no checkpoint on the way out) a while after the first checkpoint: --resume continues from the last
     checkpoint, and the TensorBoard events the killed run wrote after it are purged, so the curves are the same."""
