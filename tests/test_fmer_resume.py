@@ -3,6 +3,7 @@ itself changes nothing; bad resume inputs end in one `error:` line. CPU, tiny ne
 episodes and evaluations every 300 steps, so checkpoints (at the first episode end at or after an evaluation) fall
 at 400, 600, 1000, 1200 and 1400, and a checkpoint taken mid-episode (at the evaluation) would show."""
 
+import io
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ import time
 import pytest
 import torch
 from conftest import ROOT, assert_one_line_error, run_script, scalars
+
+import fmer
 
 TINY = ["--env-id", "Pendulum-v1", "--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--log-every", "20"]
 TINY += ["--num-candidates", "4", "--flow-steps", "3", "--total-timesteps", "1400", "--eval-every", "300"]
@@ -208,3 +211,33 @@ def test_resume_accepts_the_runs_own_flags(tmp_path, finished_run):
     shutil.copytree(finished_run, tmp_path / "runs" / "ok")
     done = run_script(tmp_path, "fmer.py", "--resume", "runs/ok", "--run-name", "ok", "--hidden-dim", "16", "--no-cuda")
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("saved_fast", [False, True], ids=["eager_to_compile", "compile_to_eager"])
+def test_resume_keeps_the_new_runs_optimizer_settings(saved_fast):
+    """--compile may change at a resume: the optimizers keep the new run's LR type (a tensor on the speed paths,
+    which the LR schedule then fills in place) and foreach setting, with the run's LR value and Adam moments."""
+
+    def agent(fast: bool) -> dict:
+        args = fmer.Args(compile=fast, hidden_dim=8, num_layers=1, batch_size=8, learning_starts=8, total_timesteps=20)
+        return fmer.build_agent(args, 3, 2, torch.device("cpu"))[0]
+
+    saved = agent(saved_fast)
+    saved["actor"](torch.randn(4, 3), torch.randn(4, 2), torch.rand(4, 1)).sum().backward()
+    saved["actor_optimizer"].step()
+    for _ in range(5):
+        saved["actor_schedule"].step()
+    file = io.BytesIO()
+    torch.save({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in saved.items()}, file)  # save_checkpoint
+    file.seek(0)
+    restored = agent(not saved_fast)
+    fmer.restore_agent(restored, torch.load(file, weights_only=False), "fmer.pt")
+    group, saved_group = restored["actor_optimizer"].param_groups[0], saved["actor_optimizer"].param_groups[0]
+    new_fast = not saved_fast
+    assert isinstance(group["lr"], torch.Tensor) == new_fast and group["foreach"] == (False if new_fast else None)
+    assert float(group["lr"]) == pytest.approx(float(saved_group["lr"]), rel=1e-6)
+    moments = [state["exp_avg"] for agent_ in (restored, saved) for state in agent_["actor_optimizer"].state.values()]
+    assert torch.equal(moments[0], moments[len(moments) // 2])
+    restored["actor_schedule"].step()
+    saved["actor_schedule"].step()
+    assert float(group["lr"]) == pytest.approx(float(saved_group["lr"]), rel=1e-6)  # the schedule goes on
