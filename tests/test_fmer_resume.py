@@ -46,6 +46,7 @@ def stop_after_first_checkpoint(cwd, name: str, *flags: str, signals=(signal.SIG
         time.sleep(0.02)
     for signum in signals:
         process.send_signal(signum)
+        time.sleep(0.1)  # handled one by one
     process.stdout_text, process.stderr_text = process.communicate(timeout=600)
     return process
 
@@ -138,13 +139,18 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(tmp_path, uninterr
 
 
 def test_stop_signals(tmp_path):
-    """A SIGTERM after a Ctrl-C does not cancel the Ctrl-C's checkpoint (exit 130); without --save-model a stop
-    request (SIGUSR2, Slurm's preemption) exits at once with 140."""
+    """A SIGTERM after a Ctrl-C does not cancel the Ctrl-C's checkpoint (exit 130); a second Ctrl-C exits at once,
+    without a checkpoint; without --save-model a stop request (SIGUSR2, Slurm's preemption) exits at once with 140."""
     stopped = stop_after_first_checkpoint(
         tmp_path, "run", *TINY, "--learning-starts", "64", *SAVE, signals=(signal.SIGINT, signal.SIGTERM)
     )
     assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr_text[-3000:]
     assert torch.load(tmp_path / "runs" / "run" / "fmer.pt", weights_only=False)["global_step"] >= 600
+    twice = stop_after_first_checkpoint(
+        tmp_path, "twice", *TINY, "--learning-starts", "64", *SAVE, signals=(signal.SIGINT,) * 2
+    )
+    assert twice.returncode == 128 + signal.SIGINT and "no checkpoint written" in twice.stdout_text
+    assert torch.load(tmp_path / "runs" / "twice" / "fmer.pt", weights_only=False)["global_step"] == 400  # the first
     process = start(tmp_path, "--run-name", "unsaved", *TINY, "--learning-starts", "64", "--total-timesteps", "100000")
     while not os.path.exists(tmp_path / "runs" / "unsaved"):
         time.sleep(0.02)
