@@ -15,10 +15,12 @@ Acting picks the candidate with the highest Q after a random warm-up (Sec. 4.4, 
 Equation numbers refer to the paper; where the paper is silent the choice is marked "[ours]".
 """
 
+import dataclasses
 import functools
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -60,6 +62,10 @@ class Args:
     """if toggled, replay the update functions and acting as CUDA graphs (needs CUDA; combines with --compile)"""
     save_model: bool = False
     """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on Ctrl-C"""
+    run_name: str | None = None
+    """the run's folder under `runs/` (default `{env or dataset}__{exp_name}__{seed}__{unix time}`)"""
+    resume: str | None = None
+    """continue the run in this folder (e.g. `runs/{run_name}`) from its last checkpoint; TensorBoard continues the same curves"""
 
     # Environment
     env_id: str = "Hopper-v5"
@@ -74,6 +80,9 @@ class Args:
     """uniformly random environment steps before the first update (Sec. 5.2)"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (kept on the training device)"""
+    save_buffer: bool = False
+    """with --save-model, also save the replay buffer beside each checkpoint (`buffer.pt`), so --resume continues
+    exactly; Humanoid-v5 at 1M transitions: about 2.9 GB (rows of 2 * 348 + 17 + 2 float32)"""
     reward_scale: float = 1.0
     """multiplier of the reward in the critic target [ours: the paper does not state FMER's]"""
 
@@ -179,6 +188,14 @@ def check_args(args: Args) -> None:
         (
             args.adv_temperature_mode == "ess" and args.weighting == "top1",
             "--adv-temperature-mode ess has nothing to tune with --weighting top1 (its weights do not depend on beta)",
+        ),
+        (
+            args.save_buffer and not args.save_model,
+            "--save-buffer needs --save-model (the buffer is saved with the checkpoints)",
+        ),
+        (
+            args.run_name is not None and (args.run_name in ("", ".", "..") or os.sep in args.run_name),
+            f"--run-name must be a folder name under runs/, got '{args.run_name}'",
         ),
         (
             args.kitchen_tasks != 1 and args.env_id != KITCHEN_ID,
@@ -653,6 +670,86 @@ def load_checkpoint(path: str, script: str, device: torch.device) -> dict:
     return state
 
 
+def resume_args(args: Args, device: torch.device) -> tuple[Args, dict]:
+    """--resume DIR: the checkpoint DIR/{exp_name}.pt and the run's own flags. Flags given next to --resume must equal
+    the run's, except --resume, --cuda, --compile and --cudagraphs; --run-name, if given, must name DIR."""
+    path = os.path.join(args.resume, f"{args.exp_name}.pt")
+    state = load_checkpoint(path, "fmer.py", device)
+    run_name = os.path.basename(os.path.normpath(args.resume))
+    if args.run_name not in (None, run_name):
+        raise SystemExit(f"error: --resume: --run-name {args.run_name} does not name the resumed folder {args.resume}")
+    free = dict(resume=args.resume, cuda=args.cuda, compile=args.compile, cudagraphs=args.cudagraphs, run_name=run_name)
+    try:
+        saved = Args(**state["args"])
+    except TypeError as e:
+        raise SystemExit(f"error: '{path}' holds flags of another version of fmer.py ({e})") from None
+    given = tyro.cli(Args, default=dataclasses.replace(saved, **free))  # flags not given take the run's values
+    for name, value in vars(given).items():
+        if name not in free and value != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: --resume: flag {flag} differs from the run's ({value} vs {getattr(saved, name)})")
+    return given, state
+
+
+def env_generators(env: gym.Env) -> list[np.random.Generator]:
+    """The training env's own random generators: its reset noise, its action space's warm-up samples and, in
+    FrankaKitchen-v1, the robot's observation noise (drawn at every step)."""
+    robot_env = getattr(env.unwrapped, "robot_env", None)
+    return [env.unwrapped.np_random, env.action_space.np_random] + ([robot_env.np_random] if robot_env else [])
+
+
+def rng_states(env: gym.Env) -> dict:
+    """Every random stream the rest of a run draws from: torch (CPU, CUDA), numpy, python and the training env's own.
+    Reading them draws nothing."""
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+        env=[generator.bit_generator.state for generator in env_generators(env)],
+    )
+
+
+def set_rng_states(states: dict, env: gym.Env) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    for generator, state in zip(env_generators(env), states["env"], strict=True):
+        generator.bit_generator.state = state
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping this run's speed settings, which a resume may change: capturable and foreach
+    (--cudagraphs, --compile) and the LR's type (a tensor on the speed paths, a float in eager mode)."""
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        saved.update(capturable=group["capturable"], foreach=group["foreach"])
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                lr = float(saved[key])
+                saved[key] = torch.tensor(lr, device=group[key].device) if isinstance(group[key], torch.Tensor) else lr
+    optimizer.load_state_dict(state)
+
+
+def restore_agent(agent: dict, state: dict, path: str) -> None:
+    """Load a checkpoint into the agent IN PLACE (the step functions hold these very modules, tensors, optimizers)."""
+    try:
+        for name, value in agent.items():
+            if isinstance(value, torch.Tensor):  # log alpha, log beta
+                with torch.no_grad():
+                    value.copy_(state[name])
+            elif isinstance(value, torch.optim.Optimizer):
+                load_optimizer(value, state[name])
+            else:  # networks, the LR schedule
+                value.load_state_dict(state[name])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise SystemExit(
+            f"error: checkpoint '{path}' holds networks of another size (--hidden-dim/--num-layers ...): {first}"
+        ) from None
+
+
 class CudaGraphStep:
     """--cudagraphs: runs `fn` eagerly for `warmup` calls (real steps, on a side stream, so the allocator, cuBLAS and
     the optimizers' state settle), then captures one call in a CUDA graph and from then on replays it: the tensor
@@ -706,14 +803,33 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: seeding, device, run name, logging
     args = tyro.cli(Args)
     check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    resumed = None
+    if args.resume:  # the run's own flags and its last checkpoint
+        args, resumed = resume_args(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         raise SystemExit("error: --cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or f"runs/{run_name}"
+    checkpoint_path, buffer_path = f"{run_dir}/{args.exp_name}.pt", f"{run_dir}/buffer.pt"
+    if resumed and not os.path.isfile(buffer_path):
+        raise SystemExit(f"error: --resume: no replay buffer '{buffer_path}'; run with --save-model --save-buffer to resume")
+
+    # stop requests (Ctrl-C, SIGTERM, Slurm's SIGUSR2) are checked between episodes: checkpoint there, then exit
+    stop_signal = None
+
+    def request_stop(signum, frame):
+        global stop_signal
+        stop_signal = stop_signal or signum  # a later SIGTERM never cancels the checkpoint of a Ctrl-C
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C exits at once
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, request_stop)
 
     env = make_env(args.env_id, args.seed, kitchen_tasks=args.kitchen_tasks)
     eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, f"videos/{run_name}", args.kitchen_tasks)
@@ -721,9 +837,6 @@ if __name__ == "__main__":
     act_dim = int(np.prod(env.action_space.shape))
     action_scale, action_bias = action_bounds(env)
     is_kitchen = args.env_id == KITCHEN_ID
-
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: networks, optimizers, update functions (+ torch.compile / CudaGraphStep when asked)
     agent, step_fns, act_fn = build_agent(args, obs_dim, act_dim, device)
@@ -734,19 +847,40 @@ if __name__ == "__main__":
     buffer_size = min(args.buffer_size, args.total_timesteps)
     replay = torch.zeros(buffer_size, 2 * obs_dim + act_dim + 2, device=device)
 
+    start_step = 0
+    if resumed:  # networks, optimizers, schedule, alpha, beta, RNGs and the replay buffer as the checkpoint left them
+        start_step = resumed["global_step"]
+        restore_agent(agent, resumed, checkpoint_path)
+        saved_replay = load_checkpoint(buffer_path, "fmer.py", torch.device("cpu"))
+        if saved_replay["global_step"] != start_step:
+            raise SystemExit(
+                f"error: '{buffer_path}' is of step {saved_replay['global_step']}, the checkpoint of step {start_step}"
+            )
+        replay[: len(saved_replay["replay"])] = saved_replay["replay"]
+        set_rng_states(resumed["rng"], env)
+        del saved_replay  # the host copy
+
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)  # a resume drops later events
+    if not start_step:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
     def policy_action(o: np.ndarray) -> np.ndarray:
         """The max-Q candidate for one observation, in the policy's (-1, 1) space."""
         return act_fn(torch.as_tensor(o, dtype=torch.float32, device=device).view(1, obs_dim))[0].cpu().numpy()
 
     policy = lambda o: policy_action(o) * action_scale + action_bias  # the env's action space
 
-    checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
     checkpoint = dict(script="fmer.py", **agent, args=vars(args))
     first_update_step = args.learning_starts + 1
+    sps_clock_step = max(first_update_step, start_step + 1) + 3  # SPS burn-in: compilation and warm-up are not timed
     first_bad, metrics = {}, {}
     sps_start, sps_step, excluded = None, 0, 0.0
-    obs, _ = env.reset(seed=args.seed)
-    progress = tqdm(range(1, args.total_timesteps + 1), desc=run_name, mininterval=5.0, disable=None)
+    checkpoint_due, global_step = False, start_step
+    # a resumed run starts between episodes: the restored env RNG draws the reset the uninterrupted run drew
+    obs, _ = env.reset() if start_step else env.reset(seed=args.seed)
+    progress = tqdm(
+        range(start_step + 1, args.total_timesteps + 1), desc=run_name, initial=start_step, mininterval=5.0, disable=None
+    )
     try:
         for global_step in progress:
             # ALGO LOGIC: act: uniform warm-up (Sec. 5.2), then the max-Q candidate (Sec. 4.4)
@@ -759,14 +893,13 @@ if __name__ == "__main__":
             next_obs, reward, terminated, truncated, info = env.step(env_action)
 
             store_transition(replay, global_step, obs, next_obs, action, reward, terminated, truncated)
-            obs = next_obs
-            if terminated or truncated:
+            episode_done = terminated or truncated
+            if episode_done:
                 writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
                 writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
                 if is_kitchen:
                     writer.add_scalar("charts/tasks_completed", info["tasks_completed"], global_step)
                     writer.add_scalar("charts/success_rate", info["success_rate"], global_step)
-                obs, _ = env.reset()
 
             # ALGO LOGIC: one gradient step per environment step
             if global_step >= first_update_step:
@@ -776,7 +909,7 @@ if __name__ == "__main__":
                 metrics = step_fns[entropy_on](b_obs, b_actions, b_rewards[:, 0], b_terminated[:, 0], b_next_obs)
                 actor_schedule.step()
                 record_nonfinite(metrics, global_step, first_bad)
-                if global_step == first_update_step + 3:  # SPS burn-in: compilation and warm-up are not timed
+                if global_step == sps_clock_step:
                     sps_start, sps_step, excluded = time.time(), global_step, 0.0
 
             # TRY NOT TO MODIFY: logging, evaluation, checkpoints
@@ -798,18 +931,36 @@ if __name__ == "__main__":
                 for name, value in eval_metrics.items():
                     writer.add_scalar(name, value, global_step)
                 progress.set_postfix(eval_return=f"{eval_metrics['eval/episodic_return']:.1f}", refresh=False)
-                if args.save_model:
-                    save_checkpoint(checkpoint_path, dict(checkpoint, global_step=global_step))
+                checkpoint_due = args.save_model
                 excluded += time.time() - eval_start
+
+            # checkpoints only between episodes (the first episode end at or after an evaluation, a stop request), so
+            # the env needs no simulator state, only its RNGs (read before its reset), and at the end
+            last_step = global_step == args.total_timesteps
+            if args.save_model and (episode_done and (checkpoint_due or stop_signal) or last_step):
+                save_start = time.time()
+                raise_if_nonfinite(first_bad, run_name)
+                if args.save_buffer:
+                    rows = replay[: min(global_step, buffer_size)].to("cpu", copy=True)
+                    save_checkpoint(buffer_path, dict(script="fmer.py", global_step=global_step, replay=rows))
+                save_checkpoint(checkpoint_path, dict(checkpoint, global_step=global_step, rng=rng_states(env)))
+                checkpoint_due = False
+                excluded += time.time() - save_start
+            if stop_signal and (episode_done or not args.save_model):
+                break
+            obs = env.reset()[0] if episode_done else next_obs
         raise_if_nonfinite(first_bad, run_name)
-    except KeyboardInterrupt:
-        print(f"interrupted at step {global_step}; TensorBoard logs kept in runs/{run_name}")
-        if args.save_model:
-            save_checkpoint(checkpoint_path, dict(checkpoint, global_step=global_step))
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted at step {global_step}, no checkpoint written; TensorBoard logs kept in {run_dir}")
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         progress.close()
         env.close()
         eval_env.close()
         writer.close()
+    if stop_signal:
+        saved = f"checkpoint of step {global_step} in {checkpoint_path}" if args.save_model else "no checkpoint (--save-model)"
+        print(f"interrupted at step {global_step} by {signal.Signals(stop_signal).name}; {saved}; logs in {run_dir}")
+        raise SystemExit(128 + stop_signal)
     if args.save_model:
         print(f"model saved to {checkpoint_path}")
