@@ -744,6 +744,19 @@ if __name__ == "__main__":
             ) from None
         start_step = resumed["global_step"]
 
+    # stop requests (Ctrl-C, SIGTERM, Slurm's SIGUSR2; caught from before the run folder exists) are checked after every
+    # step: checkpoint there, then exit with 128 + the signal number
+    stop_signal = None
+
+    def request_stop(signum, frame):
+        global stop_signal
+        stop_signal = stop_signal or signum  # a later SIGTERM never cancels the checkpoint of a Ctrl-C
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C exits at once
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, request_stop)
+
     writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resumed else None)  # a resume drops later events
     if not resumed:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -759,19 +772,6 @@ if __name__ == "__main__":
         """Everything that shapes the rest of the run (--resume): flags, step, networks (the target critic and h_theta
         included), optimizers and every RNG."""
         return dict(script="flowq.py", args=vars(args), global_step=global_step, rng=rng_states(), **modules)
-
-    # stop requests (Ctrl-C, SIGTERM, Slurm's SIGUSR2) are checked after every step: checkpoint there, then exit with
-    # 128 + the signal number
-    stop_signal = None
-
-    def request_stop(signum, frame):
-        global stop_signal
-        stop_signal = stop_signal or signum  # a later SIGTERM never cancels the checkpoint of a Ctrl-C
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C exits at once
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(signum, request_stop)
 
     if resumed:  # every random stream as the checkpoint left it (set last: building the networks drew from torch's)
         set_rng_states(resumed["rng"])

@@ -128,7 +128,6 @@ def test_stop_signals(tmp_path, dataset):
     while not os.path.exists(tmp_path / "runs" / "unsaved"):
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.02)
-    time.sleep(1.0)  # past the set-up
     process.send_signal(signal.SIGUSR2)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGUSR2, stderr[-3000:]
