@@ -3,6 +3,7 @@
 128 + the signal number; bad resume inputs end in one `error:` line. CPU, tiny networks, --schedule learned (so
 h_theta and its optimizer are part of the state), a tiny D4RL-layout Hopper file."""
 
+import copy
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import time
 import pytest
 import torch
 
+from flowq import load_optimizer
 from tests.conftest import ROOT, assert_one_line_error, run_script, scalars
 from tests.fixtures import write_d4rl_file
 
@@ -207,3 +209,27 @@ def test_resume_accepts_the_runs_own_flags(tmp_path, dataset, finished_run):
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.getmtime(tmp_path / "runs" / "ok" / "flowq.pt") == before["flowq.pt"]
     assert saved_step(tmp_path / "runs" / "ok") == 20
+
+
+def test_a_resume_keeps_the_new_runs_optimizer_settings():
+    """A checkpoint of a --cudagraphs run (capturable Adam, written on CUDA) resumes in a run without --cudagraphs:
+    the loaded optimizer keeps this run's capturable and foreach, and takes the run's moments and step, so its next
+    step is the one the saved optimizer would take (a capturable Adam cannot step on the CPU)."""
+    torch.manual_seed(0)
+    saved_param = torch.nn.Parameter(torch.randn(5))
+    saved = torch.optim.Adam([saved_param], lr=0.1)
+    for _ in range(3):
+        saved.zero_grad()
+        saved_param.pow(3).sum().backward()
+        saved.step()
+    state = copy.deepcopy(saved.state_dict())
+    state["param_groups"][0].update(capturable=True, foreach=True)  # as a --cudagraphs run saves it
+    param = torch.nn.Parameter(saved_param.detach().clone())
+    optimizer = torch.optim.Adam([param], lr=0.1, foreach=False)
+    load_optimizer(optimizer, state)
+    assert optimizer.param_groups[0]["capturable"] is False and optimizer.param_groups[0]["foreach"] is False
+    for p, opt in ((saved_param, saved), (param, optimizer)):
+        opt.zero_grad()
+        p.pow(3).sum().backward()
+        opt.step()
+    assert torch.equal(param, saved_param)
