@@ -25,6 +25,7 @@ No FlowQ scores were available to compare against.
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -60,6 +61,10 @@ class Args:
     """if toggled, replay the update functions and acting as CUDA graphs (needs CUDA; combines with --compile)"""
     save_model: bool = False
     """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on Ctrl-C"""
+    run_name: str | None = None
+    """the run's folder under `runs/` (default `{env or dataset}__{exp_name}__{seed}__{unix time}`)"""
+    resume: str | None = None
+    """continue the run in this folder (e.g. `runs/{run_name}`) from its last checkpoint; TensorBoard continues the same curves"""
 
     # Dataset
     dataset: str = "mujoco/hopper/medium-v0"
@@ -170,6 +175,8 @@ def check_args(args: Args) -> None:
     for name, rule, holds in rules:
         if not holds:
             raise SystemExit(f"error: --{name.replace('_', '-')} must {rule}, got {getattr(args, name)!r}")
+    if args.run_name is not None and (args.run_name in ("", ".", "..") or os.sep in args.run_name):
+        raise SystemExit(f"error: --run-name must be a folder name under runs/, got '{args.run_name}'")
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
         raise SystemExit("error: --cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
 
@@ -587,6 +594,71 @@ def load_checkpoint(path: str, script: str, device: torch.device) -> dict:
     return state
 
 
+RESUME_KEYS = (
+    "args",
+    "global_step",
+    "rng",
+    "actor",
+    "critic",
+    "critic_target",
+    "value",
+    "actor_optimizer",
+    "critic_optimizer",
+)
+
+
+def resume_args(args: Args, device: torch.device) -> tuple[Args, dict]:
+    """--resume DIR: the checkpoint DIR/{exp_name}.pt and the run's own flags. Flags given next to --resume must equal
+    the run's, except --resume, --cuda, --compile and --cudagraphs; --run-name, if given, must name DIR."""
+    path = os.path.join(args.resume, f"{args.exp_name}.pt")
+    state = load_checkpoint(path, "flowq.py", device)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise SystemExit(f"error: '{path}' cannot be resumed: it lacks {', '.join(missing)} (written by an older flowq.py?)")
+    run_name = os.path.basename(os.path.normpath(args.resume))
+    if args.run_name not in (None, run_name):
+        raise SystemExit(f"error: --resume: --run-name {args.run_name} does not name the resumed folder {args.resume}")
+    free = dict(resume=args.resume, cuda=args.cuda, compile=args.compile, cudagraphs=args.cudagraphs, run_name=run_name)
+    try:
+        saved = Args(**state["args"])
+    except TypeError as e:
+        raise SystemExit(f"error: '{path}' holds flags of another version of flowq.py ({e})") from None
+    given = with_domain_defaults(tyro.cli(Args, default=replace(saved, **free)))  # flags not given take the run's values
+    for name, value in vars(given).items():
+        if name not in free and value != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: --resume: flag {flag} differs from the run's ({value} vs {getattr(saved, name)})")
+    return given, state
+
+
+def rng_states() -> dict:
+    """Every random stream the rest of a run draws from: torch (CPU, CUDA), numpy and python (evaluation and the
+    validation losses fork and reseed their own). Reading them draws nothing."""
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+    )
+
+
+def set_rng_states(states: dict) -> None:
+    """Put back the streams rng_states read (the CUDA ones only where CUDA is available)."""
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping this run's speed settings, which a resume may change: capturable and foreach
+    (--cudagraphs, --compile)."""
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        saved.update(capturable=group["capturable"], foreach=group["foreach"])
+    optimizer.load_state_dict(state)
+
+
 class CudaGraphStep:
     """--cudagraphs: runs `fn` eagerly for `warmup` calls (real steps, on a side stream, so the allocator, cuBLAS and
     the optimizers' state settle), then captures one call in a CUDA graph and from then on replays it: the tensor
@@ -640,40 +712,85 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: seeding, device, run name, logging
     args = with_domain_defaults(tyro.cli(Args))
     check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    resumed = None
+    if args.resume:  # the run's own flags and its last checkpoint
+        args, resumed = resume_args(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     data = load_dataset(
         args.dataset, args.dataset_source, args.dataset_dir, args.env_id, args.dataset_download, device, args.d4rl_name
     )
     env = data.make_env(args.seed)
-    run_name = f"{dataset_tag(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    writer.add_text("dataset", f"{data.name}: {len(data)} transitions, metric {data.metric}")
+    run_name = args.run_name or f"{dataset_tag(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or f"runs/{run_name}"
 
     # ALGO LOGIC: networks, optimizers, update functions (+ torch.compile / CudaGraphStep when asked)
     agent = build_agent(args, data.obs_dim, data.act_dim, device)
+    modules = {k: v for k, v in vars(agent).items() if isinstance(v, (nn.Module, torch.optim.Optimizer))}
+    start_step = 0
+    if resumed:
+        try:
+            for name, part in modules.items():
+                if isinstance(part, nn.Module):
+                    part.load_state_dict(resumed[name])
+                else:
+                    load_optimizer(part, resumed[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SystemExit(
+                f"error: checkpoint '{run_dir}/{args.exp_name}.pt' holds networks of another size (--hidden-dim/--num-layers or the dataset's dimensions): {str(e).strip().splitlines()[0]}"
+            ) from None
+        start_step = resumed["global_step"]
+
+    # stop requests (Ctrl-C, SIGTERM, Slurm's SIGUSR2; caught from before the run folder exists) are checked after every
+    # step: checkpoint there, then exit with 128 + the signal number
+    stop_signal = None
+
+    def request_stop(signum, frame):
+        global stop_signal
+        stop_signal = stop_signal or signum  # a later SIGTERM never cancels the checkpoint of a Ctrl-C
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C exits at once
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, request_stop)
+
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resumed else None)  # a resume drops later events
+    if not resumed:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text("dataset", f"{data.name}: {len(data)} transitions, metric {data.metric}")
 
     def policy(obs: np.ndarray) -> np.ndarray:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(1, -1)
         return agent.policy_step(obs_t, torch.randn(1, data.act_dim, device=device))[0].cpu().numpy()
 
-    checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
-    checkpoint = dict(script="flowq.py", args=vars(args))
-    checkpoint.update({k: v for k, v in vars(agent).items() if isinstance(v, (nn.Module, torch.optim.Optimizer))})
+    checkpoint_path = f"{run_dir}/{args.exp_name}.pt"
 
+    def training_state() -> dict:
+        """Everything that shapes the rest of the run (--resume): flags, step, networks (the target critic and h_theta
+        included), optimizers and every RNG."""
+        return dict(script="flowq.py", args=vars(args), global_step=global_step, rng=rng_states(), **modules)
+
+    if resumed:  # every random stream as the checkpoint left it (set last: building the networks drew from torch's)
+        set_rng_states(resumed["rng"])
     first_bad, burn_in = {}, 3
-    sps_start, sps_start_step, excluded = None, 0, 0.0
-    global_step = 0
-    progress = tqdm(range(1, args.total_steps + 1), desc=run_name, mininterval=5.0, disable=None)
+    sps_start, sps_start_step, excluded = None, 0, 0.0  # a resumed run restarts the SPS clock with its burn-in [ours]
+    global_step = start_step
+    progress = tqdm(
+        range(start_step + 1, args.total_steps + 1),
+        desc=run_name,
+        initial=start_step,
+        total=args.total_steps,
+        mininterval=5.0,
+        disable=None,
+    )
     try:
         for global_step in progress:
             # ALGO LOGIC: one critic step, one actor step (and one h_theta step) on a fresh batch
-            if global_step == 1 + burn_in:  # charts/SPS counts training only, after a burn-in (LeanRL)
+            if global_step == start_step + 1 + burn_in:  # charts/SPS counts training only, after a burn-in (LeanRL)
                 sps_start, sps_start_step = time.time(), global_step - 1
             batch = data.sample(args.batch_size)
             a0, t = torch.randn_like(batch["actions"]), torch.rand(args.batch_size, 1, device=device)
@@ -703,7 +820,8 @@ if __name__ == "__main__":
                 if device.type == "cuda":
                     writer.add_scalar("charts/gpu_memory_mb", torch.cuda.max_memory_allocated() / 2**20, global_step)
 
-            if global_step % args.eval_every == 0 or global_step == args.total_steps:
+            evaluation = global_step % args.eval_every == 0 or global_step == args.total_steps
+            if evaluation:
                 eval_start = time.time()
                 result = evaluate(policy, env, args.eval_episodes, args.seed + 10_000 + global_step)
                 if data.normalize_score is not None:
@@ -711,17 +829,25 @@ if __name__ == "__main__":
                 for name, val in result.items():
                     writer.add_scalar(name, val, global_step)
                 progress.set_postfix({k.split("/")[1]: f"{v:.2f}" for k, v in result.items()}, refresh=False)
-                if args.save_model:
-                    save_checkpoint(checkpoint_path, dict(checkpoint, global_step=global_step))
                 excluded += time.time() - eval_start if sps_start is not None else 0.0
+            if args.save_model and (evaluation or stop_signal):  # at every evaluation, at the end, on a stop request
+                save_start = time.time()
+                raise_if_nonfinite(first_bad, run_name)
+                save_checkpoint(checkpoint_path, training_state())
+                excluded += time.time() - save_start if sps_start is not None else 0.0
+            if stop_signal:
+                break
         raise_if_nonfinite(first_bad, run_name)
-    except KeyboardInterrupt:
-        print(f"interrupted at step {global_step}; TensorBoard logs kept in runs/{run_name}")
-        if args.save_model:
-            save_checkpoint(checkpoint_path, dict(checkpoint, global_step=global_step))
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted at step {global_step}, no checkpoint written; TensorBoard logs kept in {run_dir}")
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         progress.close()
         env.close()
         writer.close()
+    if stop_signal and global_step < args.total_steps:
+        saved = f"checkpoint of step {global_step} in {checkpoint_path}" if args.save_model else "no checkpoint (--save-model)"
+        print(f"interrupted at step {global_step} by {signal.Signals(stop_signal).name}; {saved}; logs in {run_dir}")
+        raise SystemExit(128 + stop_signal)
     if args.save_model:
         print(f"model saved to {checkpoint_path}")
