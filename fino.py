@@ -23,6 +23,8 @@ Protocol: offline updates on the dataset, then one env step and one update per o
 pre-filled with the dataset. "[ours]" marks choices that neither the papers nor the official code make.
 Speed: the update's random inputs are drawn outside it (draw_noise) [ours], so it is a deterministic function of its
 batch: `--compile` compiles it and acting; `--cudagraphs` replays the update (not acting) as a CUDA graph.
+Resume [ours]: `--resume runs/NAME` continues a `--save-model` run exactly (networks, Adam, beta, step, every RNG; online
+checkpoints fall between episodes, with the replay buffer's online rows in `buffer.pt` under `--save-buffer`).
 """
 
 import dataclasses
@@ -839,11 +841,9 @@ def resume_args(args: Args, device: torch.device) -> tuple[Args, dict]:
 
 
 def env_generators(env: gym.Env) -> list[np.random.Generator]:
-    """The training env's own random generators: its reset noise, its action space's, and those of the envs it holds
-    inside (Gymnasium-Robotics' mazes reset an inner ant or point env with its own generator), each once."""
-    inner = [value.unwrapped for value in vars(env.unwrapped).values() if isinstance(value, gym.Env)]
-    generators = [env.unwrapped.np_random, env.action_space.np_random] + [e.np_random for e in inner]
-    return list({id(g): g for g in generators}.values())
+    """The training env's own random generators: its reset noise (e.g. Gymnasium-Robotics' maze start and goal) and
+    its action space's (OGBench's reset takes random steps with it)."""
+    return [env.unwrapped.np_random, env.action_space.np_random]
 
 
 def rng_states(env: gym.Env) -> dict:

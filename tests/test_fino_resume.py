@@ -1,8 +1,8 @@
 """fino.py --resume: runs stopped by SIGTERM in the offline phase and in the online phase, then resumed, end exactly as
 the same run uninterrupted (every losses/*, eval/* and charts/beta value); checkpointing changes nothing; bad resume
 inputs end in one `error:` line; the online SPS clock restarts. CPU, tiny networks, the tiny OGBench pointmaze
-fixture: 1000-step episodes, so online checkpoints (at the first episode end at or after an evaluation) fall at 2000
-and 2500 (the end), and a checkpoint taken mid-episode (at the evaluation of step 1500) would show."""
+fixture: 1000-step episodes, so online checkpoints (at the first episode end at or after an evaluation) fall at 2000,
+3000 and 3500 (the end), and a checkpoint taken mid-episode (at the evaluations of 1500 and 2500) would show."""
 
 import os
 import shutil
@@ -11,9 +11,12 @@ import subprocess
 import sys
 import time
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
+from fino import rng_states, set_rng_states
 from tests.conftest import ROOT, assert_one_line_error, run_script, scalars
 from tests.fixtures import write_ogbench_dataset
 
@@ -21,8 +24,8 @@ OGBENCH_NAME = "pointmaze-medium-navigate-singletask-v0"
 TINY = ["--dataset", OGBENCH_NAME, "--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--flow-steps", "3"]
 TINY += ["--eval-episodes", "1", "--entropy-states", "16", "--entropy-samples", "30"]
 TINY += ["--gmm-iters", "20", "--no-cuda", "--num-candidates", "3"]
-# evaluations at 500 (offline), 1000 (end of offline), 1500, 2000, 2500; beta updates at 1500, 2000, 2500
-BUDGET = ["--offline-steps", "1000", "--online-steps", "1500", "--eval-every", "500", "--beta-update-every", "500"]
+# evaluations at 500 (offline), 1000 (end of offline), 1500, ..., 3500; beta updates at 1500, 2000, ..., 3500
+BUDGET = ["--offline-steps", "1000", "--online-steps", "2500", "--eval-every", "500", "--beta-update-every", "500"]
 BUDGET += ["--log-every", "50"]
 SAVE = ["--save-model", "--save-buffer"]
 
@@ -45,13 +48,14 @@ def start(cwd, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def stop_once(cwd, name: str, wait_for: str, *flags: str, signals=(signal.SIGTERM,)) -> subprocess.Popen:
-    """Start a run named `name`, send `signals` once `runs/name/wait_for` exists, wait for its exit."""
+def stop_once(cwd, name: str, wait_for: str, *flags: str, signals=(signal.SIGTERM,), delay=0.0) -> subprocess.Popen:
+    """Start a run named `name`, send `signals` `delay` seconds after `runs/name/wait_for` exists, wait for its exit."""
     process = start(cwd, "--run-name", name, *flags)
     path = os.path.join(cwd, "runs", name, wait_for)
     while not os.path.exists(path):  # checkpoints are written atomically: they exist only whole
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.02)
+    time.sleep(delay)
     for signum in signals:
         process.send_signal(signum)
     process.stdout_text, process.stderr_text = process.communicate(timeout=600)
@@ -97,16 +101,18 @@ def test_stopped_offline_and_resumed_ends_as_the_uninterrupted_run(tmp_path, dat
 
 
 def test_stopped_online_and_resumed_ends_as_the_uninterrupted_run(tmp_path, data_dir, uninterrupted):
-    """SIGTERM once the end-of-offline checkpoint exists: the run goes on to the next episode end (step 2000, after
-    the evaluation of 1500 and two beta updates), checkpoints there with the buffer's online part, and exits 143.
-    The resume needs the buffer, beta, optimizer and every RNG, the env's included (its next reset)."""
-    stopped = stop_once(tmp_path, "run", "fino_offline.pt", "--dataset-dir", data_dir, *TINY, *BUDGET, *SAVE)
+    """SIGTERM once the first online checkpoint (step 2000) exists: the run goes on to the next episode end (step
+    3000, after the evaluation of 2500 and four beta updates), checkpoints there with the buffer's online part, and
+    exits 143. The resume needs the buffer, beta, optimizer and every RNG, the env's included: its next reset draws
+    from generators that the first online reset moved on (a stop at the first online episode end would not show)."""
+    flags = ["--dataset-dir", data_dir, *TINY, *BUDGET, *SAVE]
+    stopped = stop_once(tmp_path, "run", "buffer.pt", *flags, delay=0.3)  # buffer.pt: step 2000, just before fino.pt
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr_text[-3000:]
     run_dir = tmp_path / "runs" / "run"
-    assert saved_step(run_dir) == 2000  # between episodes, not at the evaluation of step 1500
+    assert saved_step(run_dir) == 3000  # between episodes, not at the evaluation of step 2500
     buffer = torch.load(run_dir / "buffer.pt", weights_only=False)
-    assert buffer["global_step"] == 2000 and buffer["buffer"]["added"] == 1000
-    assert buffer["buffer"]["rows"]["observations"].shape[0] == 1000  # the online rows only
+    assert buffer["global_step"] == 3000 and buffer["buffer"]["added"] == 2000
+    assert buffer["buffer"]["rows"]["observations"].shape[0] == 2000  # the online rows only
     resumed = run_script(tmp_path, "fino.py", "--resume", "runs/run", "--run-name", "run", "--dataset-dir", data_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(curves(str(run_dir)), uninterrupted)
@@ -236,3 +242,21 @@ def test_resume_accepts_the_runs_own_flags_and_an_offline_checkpoint_needs_no_bu
     assert not os.path.exists(tmp_path / "runs" / "off" / "buffer.pt")  # offline checkpoints write none
     done = run_script(tmp_path, "fino.py", "--resume", "runs/off", "--dataset-dir", data_dir)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_restored_env_generators_draw_the_same_reset():
+    """The training env's generators, restored after a fresh seeding (as --resume does), draw the reset the run would
+    have drawn: Gymnasium-Robotics' AntMaze (D4RL antmaze's env) draws its start and goal noise from its own. The
+    pointmaze fixture cannot show this: OGBench's maze takes its noise from numpy's global RNG and zeroes velocities."""
+    gymnasium_robotics = pytest.importorskip("gymnasium_robotics")
+    gym.register_envs(gymnasium_robotics)
+    env = gym.wrappers.RecordEpisodeStatistics(gym.make("AntMaze_UMaze-v5"))
+    env.reset(seed=1)
+    env.reset()  # every generator has moved on from its seed
+    states = rng_states(env)
+    expected, _ = env.reset()
+    env.reset(seed=1)
+    set_rng_states(states, env)
+    obs, _ = env.reset()
+    assert all(np.array_equal(obs[key], expected[key]) for key in expected)
+    env.close()
