@@ -23,6 +23,8 @@ Protocol: offline updates on the dataset, then one env step and one update per o
 pre-filled with the dataset. "[ours]" marks choices that neither the papers nor the official code make.
 Speed: the update's random inputs are drawn outside it (draw_noise) [ours], so it is a deterministic function of its
 batch: `--compile` compiles it and acting; `--cudagraphs` replays the update (not acting) as a CUDA graph.
+Resume [ours]: `--resume runs/NAME` continues a `--save-model` run exactly (networks, Adam, beta, step, every RNG; online
+checkpoints fall between episodes, with the replay buffer's online rows in `buffer.pt` under `--save-buffer`).
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ import functools
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -63,8 +66,12 @@ class Args:
     """if toggled, replay the update functions and acting as CUDA graphs (needs CUDA; combines with --compile)"""
     save_model: bool = False
     """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on Ctrl-C"""
+    run_name: str | None = None
+    """the run's folder under `runs/` (default `{env or dataset}__{exp_name}__{seed}__{unix time}`)"""
+    resume: str | None = None
+    """continue the run in this folder (e.g. `runs/{run_name}`) from its last checkpoint; TensorBoard continues the same curves"""
     load_model: str | None = None
-    """a checkpoint of fino.py: restore it and continue from its step (--save-model also writes `{exp_name}_offline.pt` at the end of the offline phase: loading it runs the online phase)"""
+    """start a NEW run from a checkpoint of fino.py: its networks, optimizer, beta and step, with this run's flags (--save-model also writes `{exp_name}_offline.pt` at the end of the offline phase: loading it runs the online phase from the offline model; --resume continues a run instead)"""
 
     # Data and environment
     dataset: str = "antmaze-large-navigate-singletask-v0"
@@ -91,6 +98,9 @@ class Args:
     """replay capacity; it holds max(this, N + 1) transitions, the dataset first, then a FIFO of online data; default 1.5M (fino) or 2M (fql)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
+    save_buffer: bool = False
+    """with --save-model, also save the replay buffer beside each checkpoint (`buffer.pt`), so --resume continues
+    exactly; humanoidmaze at 1M online transitions: about 0.64 GB (rows of 2 * 69 + 21 + 2 float32; the dataset's rows are not saved)"""
 
     # The FQL skeleton
     preset: str = "auto"
@@ -227,12 +237,6 @@ PROTOCOLS = {  # (eta, online_steps, buffer_size, eval_every): the official FINO
 }
 
 
-PROTOCOLS = {  # (eta, online_steps, buffer_size, eval_every): the official FINO code; the FQL paper's O2O runs
-    "fino": (0.1, 500_000, 1_500_000, 50_000),
-    "fql": (0.0, 1_000_000, 2_000_000, 100_000),
-}
-
-
 def preset_tables(args: Args) -> tuple[dict, ...]:
     """The per-task tables --preset searches, in order: FINO's; FQL's offline-to-online flags (then its offline ones
     for tasks it gives none); FQL's offline flags for offline-only runs (--online-steps 0)."""
@@ -321,6 +325,14 @@ def check_args(args: Args) -> None:
         (args.entropy_samples < args.gmm_components, "--entropy-samples must be at least --gmm-components"),
         (not (finite(args.gmm_tol) and args.gmm_tol > 0), f"--gmm-tol must be positive, got {args.gmm_tol}"),
         (not (finite(args.gmm_reg) and args.gmm_reg > 0), f"--gmm-reg must be positive, got {args.gmm_reg}"),
+        (
+            args.save_buffer and not args.save_model,
+            "--save-buffer needs --save-model (the buffer is saved with the checkpoints)",
+        ),
+        (
+            args.run_name is not None and (args.run_name in ("", ".", "..") or os.sep in args.run_name),
+            f"--run-name must be a folder name under runs/, got '{args.run_name}'",
+        ),
     ]
     for failed, message in problems:
         if failed:
@@ -354,6 +366,7 @@ class ReplayBuffer:
             source = getattr(data, key).to(device)
             self.storage[key] = torch.zeros(self.capacity, *source.shape[1:], dtype=torch.float32, device=device)
             self.storage[key][:n] = source
+        self.num_data, self.added = n, 0
         self.size, self.pos = n, n % self.capacity
 
     def add(self, obs, action, reward, next_obs, mask) -> None:
@@ -361,6 +374,29 @@ class ReplayBuffer:
             self.storage[key][self.pos] = torch.as_tensor(value, dtype=torch.float32)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
+        self.added += 1
+
+    def online_rows(self) -> torch.Tensor:
+        """The positions of the online transitions still held, oldest first."""
+        first = max(0, self.added - self.capacity)
+        return (self.num_data + torch.arange(first, self.added)) % self.capacity
+
+    def state_dict(self) -> dict:
+        """The online part (host copies) and the count of adds, which fixes the position; the dataset's rows are
+        reloaded from the dataset (for --resume)."""
+        rows = self.online_rows().to(self.storage["masks"].device)
+        return dict(added=self.added, rows={key: value[rows].cpu() for key, value in self.storage.items()})
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put the online part back on top of the freshly loaded dataset (rows the FIFO had overwritten included)."""
+        self.added = state["added"]
+        rows = self.online_rows()
+        if len(rows) != len(state["rows"]["masks"]):
+            raise ValueError(f"{len(state['rows']['masks'])} online rows for {self.added} adds")
+        for key, value in self.storage.items():
+            value[rows.to(value.device)] = state["rows"][key].to(value.device)
+        self.pos = (self.num_data + self.added) % self.capacity
+        self.size = min(self.num_data + self.added, self.capacity)
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         """A uniform batch, drawn and gathered on the device (no host sync)."""
@@ -777,6 +813,69 @@ def load_checkpoint(path: str, script: str, device: torch.device) -> dict:
     return state
 
 
+RESUME_KEYS = ("args", "global_step", "nets", "target_critic", "optimizer", "beta", "rng")
+
+
+def resume_args(args: Args, device: torch.device) -> tuple[Args, dict]:
+    """--resume DIR: the checkpoint DIR/{exp_name}.pt and the run's own flags. Flags given next to --resume must equal
+    the run's, except --resume, --cuda, --compile and --cudagraphs; --run-name, if given, must name DIR."""
+    path = os.path.join(args.resume, f"{args.exp_name}.pt")
+    state = load_checkpoint(path, "fino.py", device)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise SystemExit(f"error: '{path}' cannot be resumed: it lacks {', '.join(missing)} (written by an older fino.py?)")
+    run_name = os.path.basename(os.path.normpath(args.resume))
+    if args.run_name not in (None, run_name):
+        raise SystemExit(f"error: --resume: --run-name {args.run_name} does not name the resumed folder {args.resume}")
+    free = dict(resume=args.resume, cuda=args.cuda, compile=args.compile, cudagraphs=args.cudagraphs, run_name=run_name)
+    try:
+        saved = Args(**state["args"])
+    except TypeError as e:
+        raise SystemExit(f"error: '{path}' holds flags of another version of fino.py ({e})") from None
+    given = tyro.cli(Args, default=dataclasses.replace(saved, **free))  # flags not given take the run's values
+    for name, value in vars(given).items():
+        if name not in free and value != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: --resume: flag {flag} differs from the run's ({value} vs {getattr(saved, name)})")
+    return given, state
+
+
+def env_generators(env: gym.Env) -> list[np.random.Generator]:
+    """The training env's own random generators: its reset noise (e.g. Gymnasium-Robotics' maze start and goal) and
+    its action space's (OGBench's reset takes random steps with it)."""
+    return [env.unwrapped.np_random, env.action_space.np_random]
+
+
+def rng_states(env: gym.Env) -> dict:
+    """Every random stream the rest of a run draws from: torch (CPU, CUDA), numpy, python and the training env's own.
+    Reading them draws nothing."""
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+        env=[generator.bit_generator.state for generator in env_generators(env)],
+    )
+
+
+def set_rng_states(states: dict, env: gym.Env) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    for generator, state in zip(env_generators(env), states["env"], strict=True):
+        generator.bit_generator.state = state
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping this run's speed settings, which a resume may change: capturable and foreach
+    (--cudagraphs, --compile)."""
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        saved.update(capturable=group["capturable"], foreach=group["foreach"])
+    optimizer.load_state_dict(state)
+
+
 def compiled(fn):
     """torch.compile(fn), with inductor's random ops falling back to eager's generator so that --compile draws the
     same numbers as eager from the same seed [ours]."""
@@ -837,14 +936,29 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: seeding, device, run name, logging
     args = resolve_args(tyro.cli(Args))
     check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    resumed = None
+    if args.resume:  # the run's own flags and its last checkpoint
+        args, resumed = resume_args(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         raise SystemExit("error: --cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
-    saved = None if args.load_model is None else load_checkpoint(args.load_model, "fino.py", device)
+    run_name = args.run_name or f"{dataset_tag(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or f"runs/{run_name}"
+    checkpoint_path, buffer_path = f"{run_dir}/{args.exp_name}.pt", f"{run_dir}/buffer.pt"
+    saved_path = checkpoint_path if resumed else args.load_model  # --resume continues this run, --load-model starts one
+    saved = resumed or (None if args.load_model is None else load_checkpoint(args.load_model, "fino.py", device))
+    if saved is not None and any(key not in saved for key in RESUME_KEYS[1:6]):
+        raise SystemExit(f"error: '{saved_path}' lacks the networks, optimizer, beta or step of a fino.py checkpoint")
+    online_checkpoint = resumed is not None and resumed["global_step"] > args.offline_steps
+    if online_checkpoint and not os.path.isfile(buffer_path):
+        raise SystemExit(
+            f"error: --resume: the checkpoint is of the online phase and there is no replay buffer '{buffer_path}'; "
+            "run with --save-model --save-buffer to resume"
+        )
 
     data = load_dataset(
         args.dataset,
@@ -859,13 +973,6 @@ if __name__ == "__main__":
     num_candidates = candidate_count(args, act_dim)
     guided = args.entropy_guidance
     target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
-    run_name = f"{dataset_tag(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n"
-        + "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "num_candidates": num_candidates}.items()),
-    )
 
     # ALGO LOGIC: networks, optimizer, update function (+ torch.compile / CudaGraphStep when asked)
     nets = nn.ModuleDict(
@@ -878,18 +985,18 @@ if __name__ == "__main__":
     target_critic = make_critic(obs_dim, act_dim, args).to(device)
     target_critic.load_state_dict(nets["critic"].state_dict())
     optimizer = torch.optim.Adam(nets.parameters(), lr=args.learning_rate, capturable=args.cudagraphs)  # one Adam
-    beta, start_step = torch.tensor(args.beta, device=device), 1
+    beta, start_step = torch.tensor(args.beta, device=device), 0
     if saved is not None:
         try:
             nets.load_state_dict(saved["nets"])
             target_critic.load_state_dict(saved["target_critic"])
-            optimizer.load_state_dict(saved["optimizer"])
+            load_optimizer(optimizer, saved["optimizer"])
         except (RuntimeError, ValueError) as e:
             raise SystemExit(
-                f"error: checkpoint '{args.load_model}' holds networks of another size (--hidden-dim/--num-layers/--num-critics or the dataset's dimensions): {str(e).strip().splitlines()[0]}"
+                f"error: checkpoint '{saved_path}' holds networks of another size (--hidden-dim/--num-layers/--num-critics or the dataset's dimensions): {str(e).strip().splitlines()[0]}"
             ) from None
         beta.fill_(float(saved["beta"]))
-        start_step = saved["global_step"] + 1
+        start_step = saved["global_step"]
     update_step = functools.partial(compiled(update) if args.compile else update, nets, target_critic, optimizer, args)
     if args.cudagraphs:
         update_step = CudaGraphStep(update_step)
@@ -902,39 +1009,86 @@ if __name__ == "__main__":
 
     total_steps = args.offline_steps + args.online_steps
     buffer = ReplayBuffer(data, args.buffer_size, device)
+    if online_checkpoint:  # the online part of the replay buffer, of the checkpoint's step
+        saved_buffer = load_checkpoint(buffer_path, "fino.py", torch.device("cpu"))
+        if saved_buffer.get("global_step") != start_step:
+            raise SystemExit(
+                f"error: '{buffer_path}' is of step {saved_buffer.get('global_step')}, the checkpoint of step {start_step}"
+            )
+        try:
+            buffer.load_state_dict(saved_buffer["buffer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise SystemExit(
+                f"error: '{buffer_path}' does not fit this run's replay buffer ({type(e).__name__}: {e})"
+            ) from None
+        del saved_buffer  # the host copy
     env = training_env(data, args.seed, online_reward_shift(args.dataset, args.env_id))
     eval_env = data.make_env(args.seed + 10_000)
-    checkpoint_path = f"runs/{run_name}/{args.exp_name}.pt"
+
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resumed else None)  # a resume drops later events
+    if not resumed:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n"
+            + "\n".join(f"|{k}|{v}|" for k, v in {**vars(args), "num_candidates": num_candidates}.items()),
+        )
 
     def training_state() -> dict:
-        """Everything --load-model restores (not the online part of the replay buffer)."""
+        """Everything that shapes the rest of the run (--resume; --load-model takes the networks, optimizer, beta and
+        step). Online it is taken between episodes, so the env needs no simulator state, only its RNGs."""
         return dict(
             script="fino.py",
+            args=vars(args),
+            global_step=global_step,
             nets=nets,
             target_critic=target_critic,
             optimizer=optimizer,
             beta=beta.item(),
-            global_step=global_step,
-            args=vars(args),
+            rng=rng_states(env),
         )
 
+    # stop requests (Ctrl-C, SIGTERM, Slurm's SIGUSR2) are checked where a checkpoint may be written: any offline
+    # step, online episode ends; checkpoint there, then exit with 128 + the signal number
+    stop_signal = None
+
+    def request_stop(signum, frame):
+        global stop_signal
+        stop_signal = stop_signal or signum  # a later SIGTERM never cancels the checkpoint of a Ctrl-C
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C exits at once
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, request_stop)
+
     obs, _ = env.reset(seed=args.seed)
-    global_step, first_bad = start_step - 1, {}
-    clock_step, clock_start, excluded = start_step + 3, None, 0.0  # SPS after a 3-update burn-in, training time only
-    progress = tqdm(range(start_step, total_steps + 1), desc=run_name, mininterval=5.0, disable=None)
+    if resumed:  # every random stream as the checkpoint left it (set last: building the networks drew from torch's)
+        set_rng_states(resumed["rng"], env)
+        if online_checkpoint:  # taken between episodes: the restored env RNG draws the reset the uninterrupted run drew
+            obs, _ = env.reset()
+    global_step, first_bad, checkpoint_due = start_step, {}, False
+    clock_step, clock_start, excluded = start_step + 4, None, 0.0  # SPS after a 3-update burn-in, training time only
+    progress = tqdm(
+        range(start_step + 1, total_steps + 1),
+        desc=run_name,
+        initial=start_step,
+        total=total_steps,
+        mininterval=5.0,
+        disable=None,
+    )
     try:
         for global_step in progress:
-            online = global_step > args.offline_steps
+            online, episode_done = global_step > args.offline_steps, False
             # ALGO LOGIC: online, one env step with the acting policy (FINO: softmax over K), stored in the buffer
             if online:
+                if global_step == args.offline_steps + 1:  # online SPS counts env steps: the clock restarts [ours]
+                    clock_step, clock_start = global_step + 3, None
                 action = policy(obs, greedy=False)
                 next_obs, reward, terminated, truncated, info = env.step(action)
                 buffer.add(obs, action, reward, next_obs, 1.0 - float(terminated))  # truncation bootstraps
-                obs = next_obs
-                if terminated or truncated:
+                episode_done = terminated or truncated
+                if episode_done:
                     writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
                     writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-                    obs, _ = env.reset()
             # ALGO LOGIC: one update on a uniform batch of the buffer
             batch = {**buffer.sample(args.batch_size), **draw_noise(args.batch_size, act_dim, device)}
             metrics = update_step(*(batch[key] for key in BATCH_KEYS))
@@ -971,9 +1125,8 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/beta", beta.item(), global_step)
                 excluded += time.time() - excluded_from
 
-            # TRY NOT TO MODIFY: evaluation at eval_every and at the end of each phase, with a checkpoint
-            end_of_offline = global_step == args.offline_steps
-            if global_step % args.eval_every == 0 or end_of_offline or global_step == total_steps:
+            # TRY NOT TO MODIFY: evaluation at eval_every and at the end of each phase
+            if global_step % args.eval_every == 0 or global_step in (args.offline_steps, total_steps):
                 excluded_from = time.time()
                 result = evaluate(
                     lambda o: policy(o, greedy=guided), eval_env, args.eval_episodes, args.seed + 10_000 + global_step
@@ -985,20 +1138,40 @@ if __name__ == "__main__":
                 progress.set_postfix(
                     {data.metric: f"{result.get(f'eval/{data.metric}', result['eval/episodic_return']):.3f}"}, refresh=False
                 )
-                if args.save_model:
-                    save_checkpoint(checkpoint_path, training_state())
-                    if end_of_offline:
-                        save_checkpoint(checkpoint_path.replace(".pt", "_offline.pt"), training_state())
+                checkpoint_due = args.save_model
                 excluded += time.time() - excluded_from
+
+            # TRY NOT TO MODIFY: checkpoints after an evaluation or a stop request, offline at once, online at the next
+            # episode end (the env then needs only its RNGs, read before its reset); and at the end
+            between_episodes = episode_done or not online
+            if args.save_model and ((checkpoint_due or stop_signal) and between_episodes or global_step == total_steps):
+                excluded_from = time.time()
+                raise_if_nonfinite(first_bad, run_name)
+                if args.save_buffer and online:
+                    save_checkpoint(buffer_path, dict(script="fino.py", global_step=global_step, buffer=buffer))
+                save_checkpoint(checkpoint_path, training_state())
+                if global_step == args.offline_steps:
+                    save_checkpoint(checkpoint_path.replace(".pt", "_offline.pt"), training_state())
+                checkpoint_due = False
+                excluded += time.time() - excluded_from
+            if stop_signal and (between_episodes or not args.save_model):
+                break
+            if episode_done:
+                obs, _ = env.reset()
+            elif online:
+                obs = next_obs
         raise_if_nonfinite(first_bad, run_name)
-    except KeyboardInterrupt:
-        print(f"interrupted at step {global_step}; TensorBoard logs kept in runs/{run_name}")
-        if args.save_model:
-            save_checkpoint(checkpoint_path, training_state())
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted at step {global_step}, no checkpoint written; TensorBoard logs kept in {run_dir}")
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         progress.close()
         env.close()
         eval_env.close()
         writer.close()
+    if stop_signal and global_step < total_steps:
+        saved = f"checkpoint of step {global_step} in {checkpoint_path}" if args.save_model else "no checkpoint (--save-model)"
+        print(f"interrupted at step {global_step} by {signal.Signals(stop_signal).name}; {saved}; logs in {run_dir}")
+        raise SystemExit(128 + stop_signal)
     if args.save_model:
         print(f"model saved to {checkpoint_path}")

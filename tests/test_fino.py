@@ -627,28 +627,29 @@ import common.datasets as datasets
 load = datasets.load_dataset
 
 
-def load_without_validation(*args, **kwargs):  # the same dataset with its held-out split dropped
+def load_with_validation(*args, **kwargs):  # a held-out split made by hand: the first 100 rows
     data = load(*args, **kwargs)
-    data.validation = None
+    rows = {{k: getattr(data, k)[:100] for k in datasets.TRANSITION_KEYS}}
+    data.validation = datasets.OfflineData(**rows, name="val", metric=data.metric, make_env=data.make_env)
     return data
 
 
-datasets.load_dataset = load_without_validation
+datasets.load_dataset = load_with_validation
 sys.argv = ["fino.py", *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """
 
 
 def test_eval_episodes_and_validation_do_not_touch_the_training_losses(tmp_path, ogbench_dir):
-    """Three runs that differ only in --eval-episodes (1, 2) and in whether the OGBench `-val` split is used: identical
-    training curves; the runs with the split log val/<loss> at every log step."""
+    """Three runs that differ only in --eval-episodes (1, 2) and in a hand-made validation split: identical training curves;
+    every run logs val/<loss> at every log step, from its own split."""
     flags = ["--dataset", OGBENCH_NAME, "--dataset-dir", ogbench_dir, "--offline-steps", "100", "--online-steps", "100"]
     flags += ["--eval-every", "100", "--beta-update-every", "50", "--num-candidates", "2", *TINY]
     logs = []
-    for name, extra in (("one", ["--eval-episodes", "1"]), ("two", ["--eval-episodes", "2"]), ("noval", [])):
+    for name, extra in (("one", ["--eval-episodes", "1"]), ("two", ["--eval-episodes", "2"]), ("val", [])):
         (tmp_path / name).mkdir()
-        if name == "noval":
-            wrapper = tmp_path / "without_validation.py"
+        if name == "val":
+            wrapper = tmp_path / "with_validation.py"
             wrapper.write_text(VALIDATION_WRAPPER.format(root=ROOT, script=os.path.join(ROOT, "fino.py")))
             result = run_script(tmp_path / name, str(wrapper), *flags, *extra)
         else:
@@ -656,21 +657,21 @@ def test_eval_episodes_and_validation_do_not_touch_the_training_losses(tmp_path,
         assert result.returncode == 0, result.stderr[-2000:]
         (run_dir,) = run_dirs(tmp_path / name)
         logs.append(scalars(run_dir))
-    one, two, noval = logs
+    one, two, val = logs
     training = [tag for tag in one if tag.startswith("losses/")] + ["charts/beta", "charts/entropy"]
     assert len(training) == 8 and len(one["losses/qf_loss"]) == 4
     for tag in training:
-        assert one[tag] == two[tag] == noval[tag], tag
+        assert one[tag] == two[tag] == val[tag], tag
     assert [s for s, _ in one["eval/episodic_return"]] == [s for s, _ in two["eval/episodic_return"]] == [100, 200]
     for tag in ("qf_loss", "qf_values", "flow_loss", "distill_loss", "actor_q_loss", "total_loss"):
-        assert [s for s, _ in one[f"val/{tag}"]] == [s for s, _ in two[f"val/{tag}"]] == [50, 100, 150, 200]
-        assert f"val/{tag}" not in noval
+        assert [s for s, _ in val[f"val/{tag}"]] == [s for s, _ in one[f"val/{tag}"]] == [50, 100, 150, 200]
+        assert val[f"val/{tag}"] != one[f"val/{tag}"]  # the hand-made split, not the fixture's own validation file
 
 
 def test_file_dataset_run_is_named_after_the_files_base_name(tmp_path):
     path = str(tmp_path / "pendulum-random.npz")
     write_d4rl_file(path, "Pendulum-v1", num_episodes=2, max_steps=30)
-    flags = ["--dataset", path, "--env-id", "Pendulum-v1", "--dataset-source", "file"]
+    flags = ["--dataset", path, "--env-id", "Pendulum-v1", "--dataset-source", "file"]  # no reference scores: no --d4rl-name
     result = run_fino(tmp_path, *flags, "--algo", "fql", "--offline-steps", "50", "--online-steps", "0", *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = run_dirs(tmp_path)
