@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,9 +40,3 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and fragment in errors[0], result.stderr[-3000:]
-
-
-@pytest.fixture
-def run_in_tmp(tmp_path):
-    """`run_in_tmp(script, *flags)`: run a script with `tmp_path` as its working directory."""
-    return lambda script, *flags, **kw: run_script(tmp_path, script, *flags, **kw)
