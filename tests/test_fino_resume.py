@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fino import ReplayBuffer, rng_states, set_rng_states
-from tests.conftest import ROOT, assert_one_line_error, run_script, scalars
+from tests.conftest import ROOT, assert_one_line_error, run_script, scalars, spoil_run
 from tests.fixtures import write_ogbench_dataset
 
 OGBENCH_NAME = "pointmaze-medium-navigate-singletask-v0"
@@ -172,34 +172,6 @@ def finished_runs(tmp_path_factory, data_dir):
     return cwd / "runs"
 
 
-def spoil(run_dir, how: str) -> None:
-    checkpoint = torch.load(run_dir / "fino.pt", weights_only=False)
-    if how == "no checkpoint":
-        os.remove(run_dir / "fino.pt")
-    elif how == "not a checkpoint":
-        (run_dir / "fino.pt").write_text("not a checkpoint")
-    elif how == "another script's":
-        torch.save({"script": "fmer.py", "args": {}}, run_dir / "fino.pt")
-    elif how == "other network sizes":
-        checkpoint["args"]["hidden_dim"] = 32
-        torch.save(checkpoint, run_dir / "fino.pt")
-    elif how == "older checkpoint":
-        del checkpoint["rng"]
-        torch.save(checkpoint, run_dir / "fino.pt")
-    elif how == "flags of another version":
-        checkpoint["args"]["no_such_flag"] = 1
-        torch.save(checkpoint, run_dir / "fino.pt")
-    elif how == "no buffer":
-        os.remove(run_dir / "buffer.pt")
-    elif how == "buffer of another step":
-        buffer = torch.load(run_dir / "buffer.pt", weights_only=False)
-        torch.save(dict(buffer, global_step=80), run_dir / "buffer.pt")
-    elif how == "buffer of another size":
-        buffer = torch.load(run_dir / "buffer.pt", weights_only=False)
-        buffer["buffer"]["added"] = 49
-        torch.save(buffer, run_dir / "buffer.pt")
-
-
 BAD_RESUMES = [
     ("missing folder", ["--resume", "runs/nope"], "no checkpoint at 'runs/nope/fino.pt'"),
     ("no checkpoint", ["--resume", "runs/ok"], "no checkpoint at 'runs/ok/fino.pt'"),
@@ -227,7 +199,7 @@ BAD_RESUMES = [
 @pytest.mark.parametrize("how, flags, message", BAD_RESUMES, ids=[how for how, _, _ in BAD_RESUMES])
 def test_bad_resume_ends_with_one_error_line(tmp_path, data_dir, finished_runs, how, flags, message):
     shutil.copytree(finished_runs / "ok", tmp_path / "runs" / "ok")
-    spoil(tmp_path / "runs" / "ok", how)
+    spoil_run(tmp_path / "runs" / "ok", "fino.py", how)
     assert_one_line_error(run_script(tmp_path, "fino.py", *flags, "--dataset-dir", data_dir), message)
 
 

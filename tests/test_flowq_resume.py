@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flowq import load_optimizer
-from tests.conftest import ROOT, assert_one_line_error, run_script, scalars
+from tests.conftest import ROOT, assert_one_line_error, run_script, scalars, spoil_run
 from tests.fixtures import write_d4rl_file
 
 TINY = ["--env-id", "Hopper-v5", "--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--flow-steps", "3"]
@@ -148,25 +148,6 @@ def finished_run(tmp_path_factory, dataset):
     return cwd / "runs" / "ok"
 
 
-def spoil(run_dir, how: str) -> None:
-    checkpoint = torch.load(run_dir / "flowq.pt", weights_only=False)
-    if how == "no checkpoint":
-        os.remove(run_dir / "flowq.pt")
-    elif how == "not a checkpoint":
-        (run_dir / "flowq.pt").write_text("not a checkpoint")
-    elif how == "another script's":
-        torch.save({"script": "fino.py", "args": {}}, run_dir / "flowq.pt")
-    elif how == "other network sizes":
-        checkpoint["args"]["hidden_dim"] = 32
-        torch.save(checkpoint, run_dir / "flowq.pt")
-    elif how == "older checkpoint":
-        del checkpoint["rng"]
-        torch.save(checkpoint, run_dir / "flowq.pt")
-    elif how == "flags of another version":
-        checkpoint["args"]["no_such_flag"] = 1
-        torch.save(checkpoint, run_dir / "flowq.pt")
-
-
 BAD_RESUMES = [
     ("missing folder", ["--resume", "runs/nope"], "no checkpoint at 'runs/nope/flowq.pt'"),
     ("no checkpoint", ["--resume", "runs/ok"], "no checkpoint at 'runs/ok/flowq.pt'"),
@@ -195,7 +176,7 @@ BAD_RESUMES = [
 def test_bad_resume_ends_with_one_error_line(tmp_path, finished_run, how, flags, message):
     """Only the flags of the table: the rest of a resumed run's flags come from its checkpoint."""
     shutil.copytree(finished_run, tmp_path / "runs" / "ok")
-    spoil(tmp_path / "runs" / "ok", how)
+    spoil_run(tmp_path / "runs" / "ok", "flowq.py", how)
     assert_one_line_error(run_script(tmp_path, "flowq.py", *flags), message)
 
 

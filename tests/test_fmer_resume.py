@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, run_script, scalars
 
 import fmer
+from tests.conftest import ROOT, assert_one_line_error, run_script, scalars, spoil_run
 
 TINY = ["--env-id", "Pendulum-v1", "--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--log-every", "20"]
 TINY += ["--num-candidates", "4", "--flow-steps", "3", "--total-timesteps", "1400", "--eval-every", "300"]
@@ -171,24 +171,6 @@ def finished_run(tmp_path_factory):
     return cwd / "runs" / "ok"
 
 
-def spoil(run_dir, how: str) -> None:
-    if how == "no checkpoint":
-        os.remove(run_dir / "fmer.pt")
-    elif how == "not a checkpoint":
-        (run_dir / "fmer.pt").write_text("not a checkpoint")
-    elif how == "another script's":
-        torch.save({"script": "fino.py", "args": {}}, run_dir / "fmer.pt")
-    elif how == "other network sizes":
-        checkpoint = torch.load(run_dir / "fmer.pt", weights_only=False)
-        checkpoint["args"]["hidden_dim"] = 32
-        torch.save(checkpoint, run_dir / "fmer.pt")
-    elif how == "no buffer":
-        os.remove(run_dir / "buffer.pt")
-    elif how == "buffer of another step":
-        buffer = torch.load(run_dir / "buffer.pt", weights_only=False)
-        torch.save(dict(buffer, global_step=80), run_dir / "buffer.pt")
-
-
 BAD_RESUMES = [
     ("missing folder", ["--resume", "runs/nope"], "no checkpoint at 'runs/nope/fmer.pt'"),
     ("no checkpoint", ["--resume", "runs/ok"], "no checkpoint at 'runs/ok/fmer.pt'"),
@@ -208,7 +190,7 @@ BAD_RESUMES = [
 @pytest.mark.parametrize("how, flags, message", BAD_RESUMES, ids=[how for how, _, _ in BAD_RESUMES])
 def test_bad_resume_ends_with_one_error_line(tmp_path, finished_run, how, flags, message):
     shutil.copytree(finished_run, tmp_path / "runs" / "ok")
-    spoil(tmp_path / "runs" / "ok", how)
+    spoil_run(tmp_path / "runs" / "ok", "fmer.py", how)
     assert_one_line_error(run_script(tmp_path, "fmer.py", *flags), message)
 
 
