@@ -65,7 +65,8 @@ class Args:
     cudagraphs: bool = False
     """if toggled, replay the update functions and acting as CUDA graphs (needs CUDA; combines with --compile)"""
     save_model: bool = False
-    """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on Ctrl-C"""
+    """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on a stop
+    request (Ctrl-C, SIGTERM, SIGUSR2)"""
     run_name: str | None = None
     """the run's folder under `runs/` (default `{env or dataset}__{exp_name}__{seed}__{unix time}`)"""
     resume: str | None = None
@@ -859,6 +860,7 @@ def rng_states(env: gym.Env) -> dict:
 
 
 def set_rng_states(states: dict, env: gym.Env) -> None:
+    """Put back the streams rng_states read (the CUDA ones only where CUDA is available)."""
     torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
@@ -870,9 +872,13 @@ def set_rng_states(states: dict, env: gym.Env) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """optimizer.load_state_dict, keeping this run's speed settings, which a resume may change: capturable and foreach
-    (--cudagraphs, --compile)."""
+    (--cudagraphs, --compile) and the LR's type (a tensor on the speed paths, a float in eager mode)."""
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
         saved.update(capturable=group["capturable"], foreach=group["foreach"])
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                lr = float(saved[key])
+                saved[key] = torch.tensor(lr, device=group[key].device) if isinstance(group[key], torch.Tensor) else lr
     optimizer.load_state_dict(state)
 
 

@@ -60,7 +60,8 @@ class Args:
     cudagraphs: bool = False
     """if toggled, replay the update functions and acting as CUDA graphs (needs CUDA; combines with --compile)"""
     save_model: bool = False
-    """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on Ctrl-C"""
+    """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on a stop
+    request (Ctrl-C, SIGTERM, SIGUSR2)"""
     run_name: str | None = None
     """the run's folder under `runs/` (default `{env or dataset}__{exp_name}__{seed}__{unix time}`)"""
     resume: str | None = None
@@ -653,9 +654,13 @@ def set_rng_states(states: dict) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """optimizer.load_state_dict, keeping this run's speed settings, which a resume may change: capturable and foreach
-    (--cudagraphs, --compile)."""
+    (--cudagraphs, --compile) and the LR's type (a tensor on the speed paths, a float in eager mode)."""
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
         saved.update(capturable=group["capturable"], foreach=group["foreach"])
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                lr = float(saved[key])
+                saved[key] = torch.tensor(lr, device=group[key].device) if isinstance(group[key], torch.Tensor) else lr
     optimizer.load_state_dict(state)
 
 

@@ -61,7 +61,8 @@ class Args:
     cudagraphs: bool = False
     """if toggled, replay the update functions and acting as CUDA graphs (needs CUDA; combines with --compile)"""
     save_model: bool = False
-    """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on Ctrl-C"""
+    """whether to save a checkpoint to `runs/{run_name}/{exp_name}.pt` at every evaluation, at the end and on a stop
+    request (Ctrl-C, SIGTERM, SIGUSR2)"""
     run_name: str | None = None
     """the run's folder under `runs/` (default `{env or dataset}__{exp_name}__{seed}__{unix time}`)"""
     resume: str | None = None
@@ -670,11 +671,31 @@ def load_checkpoint(path: str, script: str, device: torch.device) -> dict:
     return state
 
 
+RESUME_KEYS = (
+    "args",
+    "global_step",
+    "actor",
+    "critic",
+    "critic_target",
+    "log_alpha",
+    "log_beta",
+    "actor_optimizer",
+    "critic_optimizer",
+    "alpha_optimizer",
+    "beta_optimizer",
+    "actor_schedule",
+    "rng",
+)
+
+
 def resume_args(args: Args, device: torch.device) -> tuple[Args, dict]:
     """--resume DIR: the checkpoint DIR/{exp_name}.pt and the run's own flags. Flags given next to --resume must equal
     the run's, except --resume, --cuda, --compile and --cudagraphs; --run-name, if given, must name DIR."""
     path = os.path.join(args.resume, f"{args.exp_name}.pt")
     state = load_checkpoint(path, "fmer.py", device)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise SystemExit(f"error: '{path}' cannot be resumed: it lacks {', '.join(missing)} (written by an older fmer.py?)")
     run_name = os.path.basename(os.path.normpath(args.resume))
     if args.run_name not in (None, run_name):
         raise SystemExit(f"error: --resume: --run-name {args.run_name} does not name the resumed folder {args.resume}")
@@ -711,6 +732,7 @@ def rng_states(env: gym.Env) -> dict:
 
 
 def set_rng_states(states: dict, env: gym.Env) -> None:
+    """Put back the streams rng_states read (the CUDA ones only where CUDA is available)."""
     torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])

@@ -5,16 +5,18 @@ h_theta and its optimizer are part of the state), a tiny D4RL-layout Hopper file
 
 import copy
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from flowq import load_optimizer
+from flowq import load_optimizer, rng_states, set_rng_states
 from tests.conftest import ROOT, assert_one_line_error, run_script, scalars, spoil_run
 from tests.fixtures import write_d4rl_file
 
@@ -214,3 +216,14 @@ def test_a_resume_keeps_the_new_runs_optimizer_settings():
         p.pow(3).sum().backward()
         opt.step()
     assert torch.equal(param, saved_param)
+
+
+def test_restored_rng_states_draw_the_same_numbers_from_every_stream():
+    """torch, numpy and python, restored after a reseeding (as --resume does), draw again what they drew right after
+    being read."""
+    states = rng_states()
+    draws = lambda: (torch.rand(3), np.random.rand(3), random.random())
+    expected = draws()
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    set_rng_states(states)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(draws(), expected))

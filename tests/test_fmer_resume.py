@@ -5,12 +5,15 @@ at 400, 600, 1000, 1200 and 1400, and a checkpoint taken mid-episode (at the eva
 
 import io
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
@@ -177,6 +180,8 @@ BAD_RESUMES = [
     ("not a checkpoint", ["--resume", "runs/ok"], "'runs/ok/fmer.pt' is not a checkpoint ("),
     ("another script's", ["--resume", "runs/ok"], "'runs/ok/fmer.pt' is not a checkpoint of fmer.py"),
     ("other network sizes", ["--resume", "runs/ok"], "holds networks of another size (--hidden-dim/--num-layers"),
+    ("older checkpoint", ["--resume", "runs/ok"], "'runs/ok/fmer.pt' cannot be resumed: it lacks rng"),
+    ("flags of another version", ["--resume", "runs/ok"], "holds flags of another version of fmer.py"),
     ("no buffer", ["--resume", "runs/ok"], "no replay buffer 'runs/ok/buffer.pt'; run with --save-model --save-buffer"),
     ("buffer of another step", ["--resume", "runs/ok"], "'runs/ok/buffer.pt' is of step 80, the checkpoint of step 100"),
     ("flag differs", ["--resume", "runs/ok", "--hidden-dim", "32"], "flag --hidden-dim differs from the run's (32 vs 16)"),
@@ -229,3 +234,16 @@ def test_resume_keeps_the_new_runs_optimizer_settings(saved_fast):
     restored["actor_schedule"].step()
     saved["actor_schedule"].step()
     assert float(group["lr"]) == pytest.approx(float(saved_group["lr"]), rel=1e-6)  # the schedule goes on
+
+
+def test_restored_rng_states_draw_the_same_numbers_from_every_stream():
+    """torch, numpy, python and the env's generators, restored after a reseeding (as --resume does), draw again what
+    they drew right after being read."""
+    env = gym.make("Pendulum-v1")
+    env.reset(seed=3)
+    states = fmer.rng_states(env)
+    draws = lambda: (torch.rand(3), np.random.rand(3), random.random(), env.reset()[0], env.action_space.sample())
+    expected = draws()
+    torch.manual_seed(1), np.random.seed(1), random.seed(1), env.reset(seed=1), env.action_space.seed(1)
+    fmer.set_rng_states(states, env)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(draws(), expected))
