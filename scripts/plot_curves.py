@@ -6,13 +6,16 @@ One curve per run directory; runs that share a label are averaged (shaded: min t
         --title "FMER on Pendulum-v1" --out results/fmer_pendulum.png
 """
 
+import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aggregate import read_scalar  # noqa: E402
 
 
 @dataclass
@@ -39,15 +42,6 @@ class Args:
     """draw a dotted vertical line at this step (e.g. the offline-to-online switch)"""
     vline_label: str = ""
     """legend label of the vertical line"""
-
-
-def read_scalar(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
-    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    if tag not in events.Tags()["scalars"]:
-        raise SystemExit(f"error: {run_dir} has no scalar '{tag}' (it has: {', '.join(events.Tags()['scalars'])})")
-    points = events.Scalars(tag)
-    return np.array([p.step for p in points]), np.array([p.value for p in points])
 
 
 if __name__ == "__main__":
