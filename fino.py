@@ -71,22 +71,25 @@ class Args:
     """the run's folder under `runs/` (default `{env or dataset}__{exp_name}__{seed}__{unix time}`)"""
     resume: str | None = None
     """continue the run in this folder (e.g. `runs/{run_name}`) from its last checkpoint; TensorBoard continues the same curves"""
+
+    # Dataset
+    dataset: str = "antmaze-large-navigate-singletask-v0"
+    """an OGBench single-task name (e.g. cube-double-play-singletask-v0), a Minari id (e.g. D4RL/antmaze/large-play-v1) or a D4RL-layout .npz/.hdf5 file"""
+    dataset_source: Literal["auto", "minari", "ogbench", "file"] = "auto"
+    """where --dataset comes from; auto: an existing path -> file, an OGBench name -> ogbench, else minari"""
+    dataset_dir: str | None = None
+    """where Minari (default MINARI_DATASETS_PATH or ~/.minari/datasets) or OGBench (~/.ogbench/data) datasets live"""
+    dataset_download: bool = False
+    """download a Minari or OGBench dataset that is not on disk"""
+    env_id: str | None = None
+    """the Gymnasium env of a dataset file, for the online steps and evaluation (files only; Minari and OGBench datasets bring their env)"""
+    d4rl_name: str | None = None
+    """the D4RL dataset whose reference scores normalize a file dataset's returns (default: the file's base name when
+    it is a D4RL name)"""
+
+    # Warm start
     load_model: str | None = None
     """start a NEW run from a checkpoint of fino.py: its networks, optimizer, beta and step, with this run's flags (--save-model also writes `{exp_name}_offline.pt` at the end of the offline phase: loading it runs the online phase from the offline model; --resume continues a run instead)"""
-
-    # Data and environment
-    dataset: str = "antmaze-large-navigate-singletask-v0"
-    """dataset name: OGBench (e.g. `cube-double-play-singletask-v0`), Minari/D4RL (e.g. `D4RL/antmaze/large-play-v1`) or a file"""
-    dataset_source: Literal["auto", "ogbench", "minari", "file"] = "auto"
-    """where the dataset comes from (`auto` guesses from the name; `file`: a D4RL-layout .npz/.hdf5 with --env-id)"""
-    dataset_dir: str | None = None
-    """folder holding the dataset files (default: the library's own cache)"""
-    env_id: str | None = None
-    """environment id for online steps and evaluation of a dataset file (Minari and OGBench bring their own)"""
-    dataset_download: bool = False
-    """allow downloading a missing Minari or OGBench dataset"""
-    d4rl_name: str | None = None
-    """the D4RL dataset whose reference scores normalize a file dataset's returns (default: the file's base name when it is a D4RL name)"""
 
     # Algorithm and protocol
     algo: Literal["fino", "fql"] = "fino"
@@ -790,12 +793,14 @@ def evaluate(policy, env: gym.Env, episodes: int, seed: int) -> dict[str, float]
 
 
 # ---- TRY NOT TO MODIFY: checkpoints, speed, checks ------------------------------------------------------------------
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write `state` (modules and optimizers as state dicts) atomically: a crash mid-write never leaves a
-    truncated checkpoint."""
-    tmp = path + ".tmp"
-    torch.save({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+def save_checkpoint(*files: tuple[str, dict]) -> None:
+    """Write each (path, state) pair, modules and optimizers as state dicts: all files under temporary names first,
+    then renamed into place, so a crash mid-write leaves the previous files whole and matching (a checkpoint and
+    its replay buffer of one step), bar the instant between the renames."""
+    for path, state in files:
+        torch.save({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}, path + ".tmp")
+    for path, _ in files:
+        os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path: str, script: str, device: torch.device) -> dict:
@@ -1153,11 +1158,12 @@ if __name__ == "__main__":
             if args.save_model and ((checkpoint_due or stop_signal) and between_episodes or global_step == total_steps):
                 excluded_from = time.time()
                 raise_if_nonfinite(first_bad, run_name)
+                files = [(checkpoint_path, training_state())]
                 if args.save_buffer and online:
-                    save_checkpoint(buffer_path, dict(script="fino.py", global_step=global_step, buffer=buffer))
-                save_checkpoint(checkpoint_path, training_state())
+                    files.insert(0, (buffer_path, dict(script="fino.py", global_step=global_step, buffer=buffer)))
                 if global_step == args.offline_steps:
-                    save_checkpoint(checkpoint_path.replace(".pt", "_offline.pt"), training_state())
+                    files.append((checkpoint_path.replace(".pt", "_offline.pt"), training_state()))
+                save_checkpoint(*files)
                 checkpoint_due = False
                 excluded += time.time() - excluded_from
             if stop_signal and (between_episodes or not args.save_model):

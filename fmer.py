@@ -647,12 +647,14 @@ def evaluate(policy, env: gym.Env, episodes: int, seed: int) -> dict[str, float]
 # ---- TRY NOT TO MODIFY: checkpoints, speed, checks ------------------------------------------------------------------
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write `state` (modules and optimizers as state dicts) atomically: a crash mid-write never leaves a
-    truncated checkpoint."""
-    tmp = path + ".tmp"
-    torch.save({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+def save_checkpoint(*files: tuple[str, dict]) -> None:
+    """Write each (path, state) pair, modules and optimizers as state dicts: all files under temporary names first,
+    then renamed into place, so a crash mid-write leaves the previous files whole and matching (a checkpoint and
+    its replay buffer of one step), bar the instant between the renames."""
+    for path, state in files:
+        torch.save({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}, path + ".tmp")
+    for path, _ in files:
+        os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path: str, script: str, device: torch.device) -> dict:
@@ -962,10 +964,11 @@ if __name__ == "__main__":
             if args.save_model and (episode_done and (checkpoint_due or stop_signal) or last_step):
                 save_start = time.time()
                 raise_if_nonfinite(first_bad, run_name)
+                files = [(checkpoint_path, dict(checkpoint, global_step=global_step, rng=rng_states(env)))]
                 if args.save_buffer:
                     rows = replay[: min(global_step, buffer_size)].to("cpu", copy=True)
-                    save_checkpoint(buffer_path, dict(script="fmer.py", global_step=global_step, replay=rows))
-                save_checkpoint(checkpoint_path, dict(checkpoint, global_step=global_step, rng=rng_states(env)))
+                    files.insert(0, (buffer_path, dict(script="fmer.py", global_step=global_step, replay=rows)))
+                save_checkpoint(*files)
                 checkpoint_due = False
                 excluded += time.time() - save_start
             if stop_signal and (episode_done or not args.save_model):

@@ -590,7 +590,7 @@ def bad_checkpoints(tmp_path_factory):
     nets = torch.nn.ModuleDict(dict(critic=make_critic(2, 2, small), flow=MLP(5, 2, 8, 2), onestep=MLP(4, 2, 8, 2)))
     optimizer = torch.optim.Adam(nets.parameters())
     state = dict(script="fino.py", nets=nets, target_critic=make_critic(2, 2, small), optimizer=optimizer, beta=10.0)
-    save_checkpoint(str(path / "small.pt"), {**state, "global_step": 5, "args": {}})
+    save_checkpoint((str(path / "small.pt"), {**state, "global_step": 5, "args": {}}))
     return path
 
 
