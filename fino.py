@@ -711,7 +711,7 @@ def policy_entropy(obs: torch.Tensor, onestep, critic, act_dim, num_candidates, 
     for start in range(0, args.entropy_samples, 25):
         n = min(25, args.entropy_samples - start)
         draws.append(
-            act(obs.expand(n, *obs.shape), onestep, critic, act_dim, num_candidates, guided, beta, q_agg, greedy=False)
+            act(obs.expand(n, *obs.shape), beta, onestep, critic, act_dim, num_candidates, guided, q_agg, greedy=False)
         )
     samples = torch.cat(draws).transpose(0, 1)  # (S, samples, A)
     weights, _, cov = fit_gmm(samples, args.gmm_components, args.gmm_iters, args.gmm_tol, args.gmm_reg)
@@ -734,21 +734,22 @@ def candidate_logits(q: torch.Tensor, beta: float | torch.Tensor) -> torch.Tenso
 
 def select_candidates(q: torch.Tensor, beta: float | torch.Tensor, greedy: bool) -> torch.Tensor:
     """Index of the chosen candidate per row of q (..., states, K): argmax (evaluation) or a draw from
-    softmax(candidate_logits) (acting online)."""
+    softmax(candidate_logits) (acting online), by the Gumbel-max trick: no host sync, so it runs in a CUDA graph."""
     if greedy:
         return q.argmax(-1)
-    return torch.distributions.Categorical(logits=candidate_logits(q, beta)).sample()
+    gumbel = -torch.empty_like(q).exponential_().log()
+    return (candidate_logits(q, beta) + gumbel).argmax(-1)
 
 
 @torch.no_grad()
 def act(
     obs: torch.Tensor,
+    beta: float | torch.Tensor,
     onestep: MLP,
     critic: CriticEnsemble,
     act_dim: int,
     num_candidates: int,
     guided: bool,
-    beta: float | torch.Tensor,
     q_agg: str,
     greedy: bool,
 ) -> torch.Tensor:
@@ -1012,11 +1013,25 @@ if __name__ == "__main__":
     if args.cudagraphs:
         update_step = CudaGraphStep(update_step)
     act_fn = compiled(act) if args.compile else act
+    act_fns = {  # one per mode, greedy (evaluation) and sampled (online steps): `greedy` is Python control flow
+        greedy: functools.partial(
+            act_fn,
+            onestep=nets["onestep"],
+            critic=nets["critic"],
+            act_dim=act_dim,
+            num_candidates=num_candidates,
+            guided=guided,
+            q_agg=args.q_agg,
+            greedy=greedy,
+        )
+        for greedy in (False, True)
+    }
+    if args.cudagraphs:
+        act_fns = {greedy: CudaGraphStep(fn) for greedy, fn in act_fns.items()}
 
     def policy(obs: np.ndarray, greedy: bool) -> np.ndarray:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).view(1, obs_dim)
-        a = act_fn(obs_t, nets["onestep"], nets["critic"], act_dim, num_candidates, guided, beta, args.q_agg, greedy)
-        return a[0].cpu().numpy()
+        return act_fns[greedy](obs_t, beta)[0].cpu().numpy()
 
     total_steps = args.offline_steps + args.online_steps
     buffer = ReplayBuffer(data, args.buffer_size, device)
