@@ -3,9 +3,10 @@
 Every run is `runs/{task}__{exp_name}__{seed}__sweep`, started with `--run-name` and `--save-model` (and
 `--save-buffer` for the online scripts fmer.py and fino.py), with `--resume runs/NAME` when its checkpoint
 `runs/NAME/{exp_name}.pt` exists. A run whose script exits 0 gets `runs/NAME/DONE`, and rerunning the same sweep
-skips it; the other runs are resubmitted and resume from their checkpoints. On a preemption or before the time
-limit, submitit asks the job to checkpoint: it sends SIGTERM to the script, which saves and exits, and the job is
-requeued to resume from that checkpoint. Flags after `--` go to every run:
+skips it, as it skips a run whose Slurm job from an earlier sweep squeue still lists (pending or running; the job
+ids are noted in `{runs-dir}/.submitit/jobs/`); the other runs are resubmitted and resume from their checkpoints.
+On a preemption or before the time limit, submitit asks the job to checkpoint: it sends SIGTERM to the script,
+which saves and exits, and the job is requeued to resume from that checkpoint. Flags after `--` go to every run:
 
     python scripts/sweep.py --script fmer.py --tasks Hopper-v5 Walker2d-v5 --seeds 1 2 3 \\
         --executor slurm --partition gpu --gpus-per-job 1 --time-min 1440 -- --total-timesteps 1000000
@@ -271,6 +272,24 @@ def outcome(run: Run, job: submitit.Job, executor: str) -> tuple[bool, str]:
     return False, f"failed  {run.name} (exit {status}); log: {log}"
 
 
+def job_file(folder: str, run: Run) -> str:
+    """Where the sweep notes the Slurm job id of a run it submitted (beside submitit's logs)."""
+    return os.path.join(folder, "jobs", run.name)
+
+
+def queued_job(folder: str, run: Run) -> str | None:
+    """'ID STATE' of the Slurm job an earlier sweep submitted for this run, while squeue still lists it (pending,
+    running, requeued, ...); else None. A rerun skips such a run instead of submitting it a second time."""
+    try:
+        with open(job_file(folder, run)) as f:
+            job_id = f.read().strip()
+    except FileNotFoundError:
+        return None
+    listed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    states = listed.stdout.split() if listed.returncode == 0 else []  # an ended job: "Invalid job id", or no line
+    return f"{job_id} {states[0]}" if states else None
+
+
 def submit(args: Args, executor: submitit.Executor, todo: list[Run]) -> list[tuple[Run, submitit.Job]]:
     """Submit the runs; returns them with their jobs, which have ended (local) or may still run (slurm, debug)."""
     if args.executor != "local":
@@ -281,6 +300,10 @@ def submit(args: Args, executor: submitit.Executor, todo: list[Run]) -> list[tup
                 f"error: sbatch refused the jobs: {(str(e).strip().splitlines() or ['no message'])[-1]}"
             ) from None
         if args.executor == "slurm" and jobs:
+            for run, job in jobs:
+                os.makedirs(os.path.dirname(job_file(executor.folder, run)), exist_ok=True)
+                with open(job_file(executor.folder, run), "w") as f:
+                    f.write(job.job_id)
             print(f"submitted {len(jobs)} Slurm jobs ({jobs[0][1].job_id.split('_')[0]}); waiting for them", flush=True)
         return jobs
     # LocalExecutor starts every job at once: keep at most jobs_in_flight running
@@ -306,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     executor = make_executor(args, folder)
     todo = []
     for run in runs:
+        queued = queued_job(folder, run) if args.executor == "slurm" else None
         if os.path.exists(os.path.join(run.run_dir, "DONE")):
             print(f"skip    {run.name} (DONE)")
+        elif queued:
+            print(f"skip    {run.name} (Slurm job {queued}, submitted by an earlier sweep)")
         else:
             resume = os.path.exists(os.path.join(run.run_dir, f"{run.exp_name}.pt"))
             print(f"submit  {run.name}" + (f" (resumes from runs/{run.name}/{run.exp_name}.pt)" if resume else ""))
@@ -317,14 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = [outcome(run, job, args.executor) for run, job in submit(args, executor, todo)]
     except KeyboardInterrupt:
         if args.executor == "slurm":
-            print("stopped waiting: the Slurm jobs go on (squeue --me); rerun the sweep once they have ended, not before")
+            print("stopped waiting: the Slurm jobs go on (squeue --me); a rerun skips them while squeue lists them")
         else:
             print("interrupted: running scripts save a checkpoint and exit; rerun the same command to resume them")
         return 130
     for _, line in summary:
         print(line)
     failed = sum(not ok for ok, _ in summary)
-    print(f"{len(summary) - failed} done, {failed} failed, {len(runs) - len(todo)} skipped (DONE before)")
+    print(f"{len(summary) - failed} done, {failed} failed, {len(runs) - len(todo)} skipped (DONE, or still queued)")
     return 1 if failed else 0
 
 

@@ -234,6 +234,63 @@ def test_sbatch_refusing_the_jobs_is_one_error_line(tmp_path):
     assert_one_line_error(result, "sbatch refused the jobs: sbatch: error: invalid partition specified: nope")
 
 
+def test_submitted_slurm_jobs_are_noted_for_a_rerun(tmp_path, monkeypatch):
+    """Each submitted run's Slurm job id lands in `.submitit/jobs/{run}`, where a rerun looks it up in squeue."""
+    monkeypatch.chdir(tmp_path)
+
+    class Executor:
+        folder = str(tmp_path / "runs" / ".submitit")
+
+        def submit_array(self, runs):
+            return [type("Job", (), {"job_id": f"5_{i}"}) for i in range(len(runs))]
+
+    args = sweep.Args(script="fmer.py", tasks=["Hopper-v5", "Ant-v5"], executor="slurm")
+    runs = sweep.plan(args, [])
+    sweep.submit(args, Executor(), runs)
+    assert [open(sweep.job_file(Executor.folder, run)).read() for run in runs] == ["5_0", "5_1"]
+
+
+def test_a_rerun_skips_runs_whose_slurm_jobs_are_still_queued(tmp_path):
+    """A rerun while an earlier sweep's jobs wait in the queue: the run whose job squeue still lists is skipped (its
+    job id noted at submission), the run whose job squeue no longer knows is submitted again (here sbatch refuses)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = 'case "$3" in 77_0) echo PENDING;; *) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;; esac'
+    sbatch = 'echo called >> "$(dirname "$0")/sbatch_calls"; echo \'sbatch: error: refused\' >&2; exit 1'
+    for name, body in (("srun", "exit 0"), ("squeue", squeue), ("sbatch", sbatch)):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    jobs = tmp_path / "runs" / ".submitit" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "Hopper-v5__fmer__1__sweep").write_text("77_0")
+    (jobs / "Ant-v5__fmer__1__sweep").write_text("76_0")  # ended: squeue no longer knows it
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    run = lambda task: subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts/sweep.py"),
+            "--script",
+            "fmer.py",
+            "--executor",
+            "slurm",
+            "--tasks",
+            task,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    queued = run("Hopper-v5")
+    assert queued.returncode == 0, queued.stderr
+    assert "skip    Hopper-v5__fmer__1__sweep (Slurm job 77_0 PENDING, submitted by an earlier sweep)" in queued.stdout
+    assert "0 done, 0 failed, 1 skipped" in queued.stdout and not (bin_dir / "sbatch_calls").exists()
+    ended = run("Ant-v5")
+    assert "submit  Ant-v5__fmer__1__sweep" in ended.stdout and (bin_dir / "sbatch_calls").exists()
+    assert_one_line_error(ended, "sbatch refused the jobs: sbatch: error: refused")
+
+
 @pytest.mark.parametrize(
     "flags, fragment",
     [
