@@ -506,6 +506,18 @@ def make_critic(obs_dim: int, act_dim: int, args: Args) -> CriticEnsemble:
     )
 
 
+def make_nets(obs_dim: int, act_dim: int, args: Args) -> nn.ModuleDict:
+    """The trained networks: the critic ensemble Q_phi, the flow v_theta(s, x, t) (raw t) and the one-step policy
+    mu_omega(s, z)."""
+    return nn.ModuleDict(
+        dict(
+            critic=make_critic(obs_dim, act_dim, args),
+            flow=MLP(obs_dim + act_dim + 1, act_dim, args.hidden_dim, args.num_layers),
+            onestep=MLP(obs_dim + act_dim, act_dim, args.hidden_dim, args.num_layers),
+        )
+    )
+
+
 def aggregate(q: torch.Tensor, how: str) -> torch.Tensor:
     """Combine the ensemble axis (dim 0): mean or min (q_agg)."""
     return q.mean(0) if how == "mean" else q.min(0).values
@@ -987,13 +999,7 @@ if __name__ == "__main__":
     target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
 
     # ALGO LOGIC: networks, optimizer, update function (+ torch.compile / CudaGraphStep when asked)
-    nets = nn.ModuleDict(
-        dict(
-            critic=make_critic(obs_dim, act_dim, args),
-            flow=MLP(obs_dim + act_dim + 1, act_dim, args.hidden_dim, args.num_layers),  # v_theta(s, x, t): raw t
-            onestep=MLP(obs_dim + act_dim, act_dim, args.hidden_dim, args.num_layers),  # mu_omega(s, z)
-        )
-    ).to(device)
+    nets = make_nets(obs_dim, act_dim, args).to(device)
     target_critic = make_critic(obs_dim, act_dim, args).to(device)
     target_critic.load_state_dict(nets["critic"].state_dict())
     optimizer = torch.optim.Adam(nets.parameters(), lr=args.learning_rate, capturable=args.cudagraphs)  # one Adam
@@ -1173,11 +1179,12 @@ if __name__ == "__main__":
             if args.save_model and ((checkpoint_due or stop_signal) and between_episodes or global_step == total_steps):
                 excluded_from = time.time()
                 raise_if_nonfinite(first_bad, run_name)
-                files = [(checkpoint_path, training_state())]
+                state = training_state()
+                files = [(checkpoint_path, state)]
                 if args.save_buffer and online:
                     files.insert(0, (buffer_path, dict(script="fino.py", global_step=global_step, buffer=buffer)))
                 if global_step == args.offline_steps:
-                    files.append((checkpoint_path.replace(".pt", "_offline.pt"), training_state()))
+                    files.append((checkpoint_path.replace(".pt", "_offline.pt"), state))
                 save_checkpoint(*files)
                 checkpoint_due = False
                 excluded += time.time() - excluded_from

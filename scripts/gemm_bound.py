@@ -75,13 +75,7 @@ def record_update(args: Args) -> list:
     fino_args = fino.resolve_args(
         fino.Args(eta=0.0, entropy_guidance=False, q_agg="min", hidden_dim=args.hidden_dim, batch_size=args.batch_size)
     )
-    nets = torch.nn.ModuleDict(
-        dict(
-            critic=fino.make_critic(args.obs_dim, args.act_dim, fino_args),
-            flow=fino.MLP(args.obs_dim + args.act_dim + 1, args.act_dim, args.hidden_dim, fino_args.num_layers),
-            onestep=fino.MLP(args.obs_dim + args.act_dim, args.act_dim, args.hidden_dim, fino_args.num_layers),
-        )
-    )
+    nets = fino.make_nets(args.obs_dim, args.act_dim, fino_args)
     target_critic = fino.make_critic(args.obs_dim, args.act_dim, fino_args)
     optimizer = torch.optim.Adam(nets.parameters(), lr=fino_args.learning_rate)
     batch_size = args.batch_size

@@ -329,10 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     executor = make_executor(args, folder)
     todo = []
     for run in runs:
-        queued = queued_job(folder, run) if args.executor == "slurm" else None
         if os.path.exists(os.path.join(run.run_dir, "DONE")):
             print(f"skip    {run.name} (DONE)")
-        elif queued:
+        elif args.executor == "slurm" and (queued := queued_job(folder, run)):
             print(f"skip    {run.name} (Slurm job {queued}, submitted by an earlier sweep)")
         else:
             resume = os.path.exists(os.path.join(run.run_dir, f"{run.exp_name}.pt"))

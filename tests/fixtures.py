@@ -8,12 +8,14 @@
 - `write_d4rl_file`: a flat D4RL-layout .npz or .hdf5 file (observations, actions, rewards,
   terminals, timeouts, optionally next_observations).
 Each returns the raw episodes (observations include the final one) so tests can compare exactly.
+`FiveRows` is a five-transition dataset in memory, for fino.py's replay buffer.
 """
 
 import os
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 
 def rollout(env: gym.Env, num_episodes: int, max_steps: int, seed: int = 0) -> list[dict]:
@@ -173,3 +175,14 @@ def write_d4rl_file(
             for k, v in data.items():
                 f.create_dataset(k, data=v)
     return episodes
+
+
+class FiveRows:
+    """Five transitions as fino.py's ReplayBuffer reads a dataset: observation i, next observation i + 1, zero
+    actions, reward -1, mask 1."""
+
+    observations, next_observations = torch.arange(5.0)[:, None], torch.arange(1.0, 6.0)[:, None]
+    actions, rewards, masks = torch.zeros(5, 2), torch.full((5,), -1.0), torch.ones(5)
+
+    def __len__(self):
+        return 5

@@ -22,6 +22,7 @@ from fino import (
     fql_losses,
     gmm_entropy_bound,
     make_critic,
+    make_nets,
     noise_std,
     noisy_flow_pair,
     resolve_args,
@@ -30,7 +31,7 @@ from fino import (
     update_beta,
 )
 from tests.conftest import ROOT, assert_one_line_error, run_dirs, run_script, scalars
-from tests.fixtures import write_d4rl_file, write_minari_dataset, write_ogbench_dataset
+from tests.fixtures import FiveRows, write_d4rl_file, write_minari_dataset, write_ogbench_dataset
 
 TINY_NETS = Args(hidden_dim=16, num_layers=2, num_critics=2)
 TS = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
@@ -302,9 +303,7 @@ def test_critic_ensemble_equals_independent_layernorm_mlps():
 
 def tiny_setup(seed=0):
     torch.manual_seed(seed)
-    nets = torch.nn.ModuleDict(
-        dict(critic=make_critic(3, 2, TINY_NETS), flow=MLP(3 + 2 + 1, 2, 16, 2), onestep=MLP(3 + 2, 2, 16, 2))
-    )
+    nets = make_nets(3, 2, TINY_NETS)
     target = make_critic(3, 2, TINY_NETS)
     target.load_state_dict(nets["critic"].state_dict())
     batch = dict(
@@ -358,14 +357,7 @@ def test_total_loss_weights_distillation_by_alpha():
 
 
 def test_replay_buffer_prefilled_with_the_dataset_then_fifo_over_the_oldest_rows():
-    class Data:
-        observations, next_observations = torch.arange(5.0)[:, None], torch.arange(1.0, 6.0)[:, None]
-        actions, rewards, masks = torch.zeros(5, 2), torch.full((5,), -1.0), torch.ones(5)
-
-        def __len__(self):
-            return 5
-
-    buffer = ReplayBuffer(Data(), capacity=7, device=torch.device("cpu"))
+    buffer = ReplayBuffer(FiveRows(), capacity=7, device=torch.device("cpu"))
     assert buffer.size == 5 and torch.equal(buffer.storage["observations"][:5, 0], torch.arange(5.0))
     assert set(buffer.sample(500)["observations"][:, 0].tolist()) == {0.0, 1.0, 2.0, 3.0, 4.0}  # uniform over held rows
     for i in range(3):  # online rows land at 5, 6, then overwrite row 0 (the oldest offline row)
@@ -598,7 +590,7 @@ def bad_checkpoints(tmp_path_factory):
     torch.save({"script": "fmer.py", "actor": {}}, path / "fmer.pt")
     torch.manual_seed(0)
     small = Args(hidden_dim=8, num_layers=2)
-    nets = torch.nn.ModuleDict(dict(critic=make_critic(2, 2, small), flow=MLP(5, 2, 8, 2), onestep=MLP(4, 2, 8, 2)))
+    nets = make_nets(2, 2, small)
     optimizer = torch.optim.Adam(nets.parameters())
     state = dict(script="fino.py", nets=nets, target_critic=make_critic(2, 2, small), optimizer=optimizer, beta=10.0)
     save_checkpoint((str(path / "small.pt"), {**state, "global_step": 5, "args": {}}))

@@ -11,7 +11,6 @@ import torch
 from common.datasets import OfflineData
 from fino import (
     BATCH_KEYS,
-    MLP,
     Args,
     candidate_logits,
     compiled,
@@ -19,6 +18,7 @@ from fino import (
     draw_noise,
     fql_losses,
     make_critic,
+    make_nets,
     online_reward_shift,
     resolve_args,
     training_env,
@@ -31,13 +31,7 @@ TINY = Args(hidden_dim=16, num_layers=2, num_critics=2, flow_steps=3)
 
 def setup(seed=0, obs_dim=3, act_dim=2, batch_size=32):
     torch.manual_seed(seed)
-    nets = torch.nn.ModuleDict(
-        dict(
-            critic=make_critic(obs_dim, act_dim, TINY),
-            flow=MLP(obs_dim + act_dim + 1, act_dim, 16, 2),
-            onestep=MLP(obs_dim + act_dim, act_dim, 16, 2),
-        )
-    )
+    nets = make_nets(obs_dim, act_dim, TINY)
     target = make_critic(obs_dim, act_dim, TINY)
     target.load_state_dict(nets["critic"].state_dict())
     batch = dict(

@@ -18,7 +18,7 @@ import torch
 
 from fino import ReplayBuffer, rng_states, set_rng_states
 from tests.conftest import ROOT, assert_one_line_error, run_script, scalars, spoil_run
-from tests.fixtures import write_ogbench_dataset
+from tests.fixtures import FiveRows, write_ogbench_dataset
 
 OGBENCH_NAME = "pointmaze-medium-navigate-singletask-v0"
 TINY = ["--dataset", OGBENCH_NAME, "--hidden-dim", "16", "--num-layers", "2", "--batch-size", "32", "--flow-steps", "3"]
@@ -239,19 +239,12 @@ def test_buffer_state_restores_the_online_rows_and_position_after_the_fifo_wrapp
     """The replay buffer's saved state (online rows and their count) put back on a freshly filled buffer gives the
     same storage, size and position, also once the FIFO has overwritten dataset rows and wrapped more than once."""
 
-    class Data:
-        observations, next_observations = torch.arange(5.0)[:, None], torch.arange(1.0, 6.0)[:, None]
-        actions, rewards, masks = torch.zeros(5, 2), torch.full((5,), -1.0), torch.ones(5)
-
-        def __len__(self):
-            return 5
-
-    buffer = ReplayBuffer(Data(), capacity=7, device=torch.device("cpu"))
+    buffer = ReplayBuffer(FiveRows(), capacity=7, device=torch.device("cpu"))
     for i in range(adds):
         buffer.add(np.array([10.0 + i]), np.full(2, i), float(i), np.array([11.0 + i]), 0.0)
     state = buffer.state_dict()
     assert len(state["rows"]["masks"]) == min(adds, 7)  # the online rows only
-    restored = ReplayBuffer(Data(), capacity=7, device=torch.device("cpu"))
+    restored = ReplayBuffer(FiveRows(), capacity=7, device=torch.device("cpu"))
     restored.load_state_dict(state)
     assert (restored.size, restored.pos, restored.added) == (buffer.size, buffer.pos, buffer.added)
     assert all(torch.equal(restored.storage[key], buffer.storage[key]) for key in ReplayBuffer.KEYS)

@@ -34,6 +34,18 @@ def without_adam_step(*optimizers) -> None:
             optimizer.step = lambda *args, **kwargs: None
 
 
+def transitions(**extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A random batch of 8 transitions (3-d observations, 2-d actions), plus `extra` keys."""
+    batch = dict(
+        observations=torch.randn(8, 3),
+        actions=torch.rand(8, 2) * 2 - 1,
+        rewards=torch.randn(8),
+        next_observations=torch.randn(8, 3),
+        masks=torch.ones(8),
+    )
+    return {**batch, **extra}
+
+
 def test_the_detector_catches_a_host_sync():
     with pytest.raises(AssertionError, match="host sync"), NoHostSync():
         if torch.randn(3).sum() > 0:
@@ -56,20 +68,11 @@ def test_fmer_update_and_acting_never_sync(entropy_on):
 def test_fino_update_and_acting_never_sync(algo):
     args = fino.resolve_args(fino.Args(algo=algo, hidden_dim=8, num_layers=2, num_critics=2))
     torch.manual_seed(0)
-    nets = torch.nn.ModuleDict(
-        dict(critic=fino.make_critic(3, 2, args), flow=fino.MLP(6, 2, 8, 2), onestep=fino.MLP(5, 2, 8, 2))
-    )
+    nets = fino.make_nets(3, 2, args)
     target_critic = fino.make_critic(3, 2, args)
     optimizer = torch.optim.Adam(nets.parameters())
     without_adam_step(optimizer)
-    batch = dict(
-        observations=torch.randn(8, 3),
-        actions=torch.rand(8, 2) * 2 - 1,
-        rewards=torch.randn(8),
-        next_observations=torch.randn(8, 3),
-        masks=torch.ones(8),
-        **fino.draw_noise(8, 2, torch.device("cpu")),
-    )
+    batch = transitions(**fino.draw_noise(8, 2, torch.device("cpu")))
     guided, beta = algo == "fino", torch.tensor(1.0)
     with NoHostSync():
         fino.update(nets, target_critic, optimizer, args, *(batch[key] for key in fino.BATCH_KEYS))
@@ -83,15 +86,7 @@ def test_flowq_update_and_acting_never_sync(schedule):
     args = flowq.with_domain_defaults(flowq.Args(hidden_dim=8, num_layers=2, batch_size=8, cuda=False, schedule=schedule))
     agent = flowq.build_agent(args, 3, 2, torch.device("cpu"))
     without_adam_step(agent.actor_optimizer, agent.critic_optimizer, agent.schedule_optimizer)
-    batch = dict(
-        observations=torch.randn(8, 3),
-        actions=torch.rand(8, 2) * 2 - 1,
-        rewards=torch.randn(8),
-        next_observations=torch.randn(8, 3),
-        terminals=torch.zeros(8),
-        masks=torch.ones(8),
-    )
-    batch["dones"] = batch["terminals"]
+    batch = transitions(terminals=torch.zeros(8), dones=torch.zeros(8))
     with NoHostSync():
         flowq.train_step(agent, batch, torch.randn(8, 2), torch.rand(8, 1))
         agent.policy_step(torch.randn(1, 3), torch.randn(1, 2))
