@@ -746,7 +746,7 @@ def candidate_logits(q: torch.Tensor, beta: float | torch.Tensor) -> torch.Tenso
 
 def select_candidates(q: torch.Tensor, beta: float | torch.Tensor, greedy: bool) -> torch.Tensor:
     """Index of the chosen candidate per row of q (..., states, K): argmax (evaluation) or a draw from
-    softmax(candidate_logits) (acting online), by the Gumbel-max trick: no host sync, so it runs in a CUDA graph."""
+    softmax(candidate_logits) (acting online), by the Gumbel-max trick [ours]: no host sync, so it runs in a CUDA graph."""
     if greedy:
         return q.argmax(-1)
     gumbel = -torch.empty_like(q).exponential_().log()

@@ -241,9 +241,9 @@ def make_executor(args: Args, folder: str) -> submitit.Executor:
         if not eq or not key:
             raise SystemExit(f"error: --slurm-parameters '{entry}' is not KEY=VALUE")
         extra[key] = value
-    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+    if any(shutil.which(tool) is None for tool in ("sbatch", "srun", "squeue")):
         raise SystemExit(
-            "error: --executor slurm needs Slurm's sbatch and srun on PATH: run the sweep on the cluster's login node"
+            "error: --executor slurm needs Slurm's sbatch, srun and squeue on PATH: run the sweep on the cluster's login node"
         )
     executor = submitit.SlurmExecutor(folder, max_num_timeout=args.requeues)
     executor.update_parameters(

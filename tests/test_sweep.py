@@ -218,7 +218,8 @@ def test_slurm_options_reach_sbatch(tmp_path, monkeypatch):
 def test_sbatch_refusing_the_jobs_is_one_error_line(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in (("srun", "exit 0"), ("sbatch", "echo 'sbatch: error: invalid partition specified: nope' >&2; exit 1")):
+    refuse = "echo 'sbatch: error: invalid partition specified: nope' >&2; exit 1"
+    for name, body in (("srun", "exit 0"), ("squeue", "exit 0"), ("sbatch", refuse)):
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
     flags = ["--script", "fmer.py", "--tasks", "Hopper-v5", "Ant-v5", "--executor", "slurm", "--partition", "nope"]
@@ -232,6 +233,34 @@ def test_sbatch_refusing_the_jobs_is_one_error_line(tmp_path):
         timeout=60,
     )
     assert_one_line_error(result, "sbatch refused the jobs: sbatch: error: invalid partition specified: nope")
+
+
+def test_slurm_without_squeue_is_one_error_line(tmp_path):
+    """A rerun asks squeue which runs are still queued: sbatch and srun alone are not enough."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("srun", "sbatch"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts/sweep.py"),
+            "--script",
+            "fmer.py",
+            "--tasks",
+            "Hopper-v5",
+            "--executor",
+            "slurm",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert_one_line_error(result, "needs Slurm's sbatch, srun and squeue on PATH")
 
 
 def test_submitted_slurm_jobs_are_noted_for_a_rerun(tmp_path, monkeypatch):
@@ -301,7 +330,10 @@ def test_a_rerun_skips_runs_whose_slurm_jobs_are_still_queued(tmp_path):
             "--partition applies to --executor slurm only",
         ),
         (["--script", "fmer.py", "--tasks", "Hopper-v5", "--jobs-in-flight", "0"], "--jobs-in-flight must be at least 1"),
-        (["--script", "fmer.py", "--tasks", "Hopper-v5", "--executor", "slurm"], "needs Slurm's sbatch and srun on PATH"),
+        (
+            ["--script", "fmer.py", "--tasks", "Hopper-v5", "--executor", "slurm"],
+            "needs Slurm's sbatch, srun and squeue on PATH",
+        ),
         (["--script", "fino.py", "--tasks", "a", "--", "--dataset", "b"], "--dataset is set by the sweep per run"),
         (["--script", "fmer.py", "--tasks", "Hopper-v5", "--runs-dir", "out"], "must be a folder named runs"),
         (["--script", "fmer.py", "--tasks", "Hopper-v5", "--seeds", "1", "1"], "--seeds lists 1 more than once"),
