@@ -10,7 +10,7 @@ forward and backward). Those products, with the same shapes, strides and dtypes,
 - with --jax-python, the same products run under jax.jit (XLA's GEMM) in that interpreter, for the same figure on the
   official code's library.
 
-Compare with the measured updates/s of fino.py and of the official JAX FQL (../shared/bench/fql_speed_compare.sh).
+Compare with the measured updates/s of fino.py and of the official JAX FQL (README, "Speed against the official FQL").
 
     python scripts/gemm_bound.py
     python scripts/gemm_bound.py --jax-python ~/.cache/fql-bench/jaxvenv/bin/python
