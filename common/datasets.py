@@ -26,6 +26,10 @@ lengths, at least one transition, finite (the key and first bad row are named), 
 and action dimensions equal to the evaluation env's, actions inside its bounds up to ACTION_TOLERANCE
 (clipped, with a note) or refused beyond it; a file that cannot be opened or parsed is named with the
 reason. Each finding is one `error:` line (SystemExit), never a traceback or a silent NaN run.
+Actions further out usually mean data in other units (wrong env, unscaled actions), hence the refusal;
+raw samples of a Gaussian policy, which the simulator clips, are the other case: `clip_actions=True`
+(--clip-actions) clips every action to the bounds, as IQL's and CORL's loaders do, with one note counting
+the clipped transitions and entries and the largest and mean excess.
 """
 
 import difflib
@@ -154,6 +158,7 @@ def load_dataset(
     download: bool = False,
     device: str | torch.device = "cpu",
     d4rl_name: str | None = None,
+    clip_actions: bool = False,
 ) -> OfflineData:
     """Load an offline dataset as flat transitions on `device`, validated once (see `_validate`).
 
@@ -161,7 +166,8 @@ def load_dataset(
     an OGBench single-task name -> ogbench; else minari). `dataset_dir` overrides where Minari
     (MINARI_DATASETS_PATH) and OGBench (~/.ogbench/data) look; `env_id` is the evaluation env of a file
     dataset; `download` allows fetching a missing Minari or OGBench dataset; `d4rl_name` names the D4RL dataset
-    whose reference scores normalize a file dataset's returns (default: the file's base name, when it is one).
+    whose reference scores normalize a file dataset's returns (default: the file's base name, when it is one);
+    `clip_actions` clips actions outside the env's bounds by any amount instead of refusing them beyond ACTION_TOLERANCE.
     """
     if source == "auto":
         if os.path.exists(name) or name.endswith(FILE_SUFFIXES):
@@ -192,7 +198,7 @@ def load_dataset(
         return _eval_env(raw_env(), seed)
 
     def to_data(arrays: dict[str, np.ndarray], split_label: str) -> OfflineData:
-        arrays = _validate(arrays, split_label, observation_space, action_space, env_label)
+        arrays = _validate(arrays, split_label, observation_space, action_space, env_label, clip_actions)
         tensors = {k: torch.as_tensor(np.ascontiguousarray(arrays[k], dtype=np.float32)).to(device) for k in TRANSITION_KEYS}
         return OfflineData(**tensors, name=name, metric=metric, make_env=make_env, normalize_score=normalize_score)
 
@@ -321,7 +327,12 @@ def _check_binary(arrays: dict[str, np.ndarray], keys: tuple[str, ...], label: s
 
 
 def _validate(
-    arrays: dict[str, np.ndarray], label: str, observation_space: gym.Space, action_space: gym.Space, env_label: str
+    arrays: dict[str, np.ndarray],
+    label: str,
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    env_label: str,
+    clip_actions: bool = False,
 ) -> dict[str, np.ndarray]:
     """Check the transitions against each other and the evaluation env, then map actions to [-1, 1] and clip.
 
@@ -329,7 +340,8 @@ def _validate(
     next_observations match the env's flattened observation space, actions its action space. Actions
     (in the env's units) are mapped to [-1, 1]; values outside by at most ACTION_TOLERANCE are clipped
     (FQL's loaders clip every action; a note counts them), values further out end
-    the program: such data is not in this env's action units (wrong --env-id or unscaled actions) [ours].
+    the program: such data is not in this env's action units (wrong --env-id or unscaled actions) [ours],
+    unless `clip_actions`: then every action is clipped, with a note counting them.
     """
     _check_arrays(arrays, TRANSITION_KEYS, label, row="transition")
     n = len(arrays["rewards"])
@@ -348,15 +360,29 @@ def _validate(
     normalize_action = _action_normalizer(action_space)
     if normalize_action is not None:
         actions = normalize_action(actions)
-    excess = np.abs(actions).max(axis=1) - 1.0
+    entry_excess = np.abs(actions) - 1.0  # in half-ranges of the bounds
+    excess = entry_excess.max(axis=1)
     outside = int((excess > 0).sum())
-    if outside:
-        bounds = f"[{action_space.low.min():g}, {action_space.high.max():g}]"
+    bounds = f"[{action_space.low.min():g}, {action_space.high.max():g}]"
+    if clip_actions:
+        if outside:
+            clipped = entry_excess[entry_excess > 0]
+            print(
+                f"note: {label}: --clip-actions clipped the actions of {outside} of {n} transitions ({clipped.size} of "
+                f"{actions.size} entries) to {env_label}'s action bounds {bounds}, by up to {clipped.max():.3g} of the "
+                f"half-range (mean {clipped.mean():.3g} over the clipped entries)"
+            )
+        else:
+            print(
+                f"note: {label}: --clip-actions: every action lies within {env_label}'s action bounds {bounds}; none clipped"
+            )
+    elif outside:
         if excess.max() > ACTION_TOLERANCE:
             raise SystemExit(
                 f"error: {label}: {outside} of {n} transitions have actions outside {env_label}'s action bounds {bounds}, by up to "
                 f"{excess.max():.3g} of the half-range (first at transition {int(np.argmax(excess > 0))}; clipping tolerance "
-                f"{ACTION_TOLERANCE}): the actions are not in this env's units"
+                f"{ACTION_TOLERANCE}): the actions are not in this env's units (or are raw actions the simulator clips: "
+                "rerun with --clip-actions)"
             )
         print(
             f"note: {label}: {outside} of {n} transitions have actions outside {env_label}'s action bounds {bounds} by at most "

@@ -8,6 +8,11 @@ and overall (the number an offline learner has to beat) and writes an .npz with 
 actions, rewards, next_observations, terminals, timeouts, which `flowq.py --dataset FILE --env-id ID` loads.
 
     python scripts/make_mixed_dataset.py            # HalfCheetah-v5 -> /tmp/halfcheetah_mixed.npz (about 3 min on CPU)
+
+With --raw-actions the file holds the noisy policies' raw Gaussian samples (the env still receives them clipped
+to [-1, 1], as without the option), i.e. data that loads only with `--clip-actions`:
+
+    python scripts/make_mixed_dataset.py --env-id Hopper-v5 --raw-actions --action-noise 1.0 --out /tmp/hopper_raw.npz
 """
 
 import time
@@ -42,6 +47,9 @@ class Args:
     """episodes collected from each behaviour policy (the random one included)"""
     action_noise: float = 0.2
     """std of the Gaussian noise added to the snapshots' actions (then clipped to [-1, 1])"""
+    raw_actions: bool = False
+    """record the behaviour policies' raw actions (before the clip to [-1, 1] the simulator applies); the env gets the
+    same clipped actions either way"""
 
 
 class LinearPolicy:
@@ -64,18 +72,23 @@ class LinearPolicy:
         return np.clip((self.M if M is None else M) @ ((obs - self.mean) / self.std()), -1.0, 1.0)
 
 
-def run_episode(env, act, rng=None, noise=0.0, observe=None):
-    """One episode; returns the transitions (D4RL layout) and the return."""
+def run_episode(env, act, rng=None, noise=0.0, observe=None, raw_actions=False):
+    """One episode; returns the transitions (D4RL layout) and the return.
+
+    The env steps with the noisy action clipped to [-1, 1]; the transitions hold that action, or with
+    `raw_actions` the noisy action before the clip.
+    """
     obs, _ = env.reset(seed=int(rng.integers(1 << 31)) if rng is not None else None)
     rows, ret, done = [], 0.0, False
     while not done:
         if observe is not None:
             observe(obs)
-        action = act(obs)
+        action = raw = act(obs)
         if noise > 0.0:
-            action = np.clip(action + noise * rng.standard_normal(action.shape), -1.0, 1.0)
+            raw = action + noise * rng.standard_normal(action.shape)
+            action = np.clip(raw, -1.0, 1.0)  # MuJoCo clips ctrl too, but the control cost uses the action as given
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        rows.append((obs, action, reward, next_obs, terminated, truncated))
+        rows.append((obs, raw if raw_actions else action, reward, next_obs, terminated, truncated))
         ret += reward
         obs, done = next_obs, terminated or truncated
     return rows, ret
@@ -124,7 +137,7 @@ if __name__ == "__main__":
     for name, act, noise in sources:
         source_returns = []
         for _ in range(args.episodes_per_policy):
-            rows, ret = run_episode(env, act, rng, noise)
+            rows, ret = run_episode(env, act, rng, noise, raw_actions=args.raw_actions)
             source_returns.append(ret)
             for key, column in zip(data, zip(*rows)):
                 data[key].extend(column)
@@ -134,6 +147,12 @@ if __name__ == "__main__":
             f"(min {np.min(source_returns):.1f}, max {np.max(source_returns):.1f})"
         )
     arrays = {k: np.asarray(v, np.bool_ if k in ("terminals", "timeouts") else np.float32) for k, v in data.items()}
+    if args.raw_actions:
+        outside = np.abs(arrays["actions"]) > 1.0
+        print(
+            f"raw actions: {outside.mean():.1%} of the action entries lie outside [-1, 1] "
+            f"({outside.any(axis=1).mean():.1%} of the transitions), max |a| {np.abs(arrays['actions']).max():.2f}"
+        )
     np.savez(args.out, **arrays)
     print(
         f"dataset: {len(arrays['rewards'])} transitions, {len(all_returns)} episodes, "

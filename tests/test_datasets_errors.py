@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from common.datasets import load_dataset
+from common.datasets import ACTION_CLIP, load_dataset
 from tests.conftest import assert_one_line_error, run_script
 from tests.fixtures import write_d4rl_file, write_minari_dataset, write_ogbench_dataset
 
@@ -180,6 +180,83 @@ def test_slightly_outside_actions_are_clipped_with_a_note(tmp_path, hopper_array
     assert outside > 0 and data.actions.abs().max().item() <= 1.0 - 1e-5 + 1e-7
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:") and "action bounds" in line]
     assert len(notes) == 1 and f"{outside} of {len(data)} transitions" in notes[0] and "clipped" in notes[0]
+
+
+def gaussian_raw_actions(actions, std=1.0, seed=0):
+    """The raw samples of a Gaussian policy with mean `actions` (before the clip the simulator applies)."""
+    return (actions + std * np.random.default_rng(seed).standard_normal(actions.shape)).astype(np.float32)
+
+
+def test_raw_gaussian_actions_are_refused_naming_clip_actions(tmp_path, hopper_arrays):
+    path = str(tmp_path / "raw.npz")
+    raw = gaussian_raw_actions(hopper_arrays["actions"])
+    assert np.abs(raw).max() > 2.0  # far beyond ACTION_TOLERANCE
+    save(path, dict(hopper_arrays, actions=raw))
+    with pytest.raises(SystemExit) as excinfo:
+        load_dataset(path, env_id="Hopper-v5")
+    assert_one_line(excinfo, "outside Hopper-v5's action bounds [-1, 1]", path, "rerun with --clip-actions")
+
+
+def test_clip_actions_loads_raw_gaussian_actions_with_a_note(tmp_path, hopper_arrays, capsys):
+    path = str(tmp_path / "raw.npz")
+    raw = gaussian_raw_actions(hopper_arrays["actions"])
+    save(path, dict(hopper_arrays, actions=raw))
+    data = load_dataset(path, env_id="Hopper-v5", clip_actions=True)
+    actions = data.actions.numpy()
+    outside = np.abs(raw) > 1.0
+    rows = outside.any(axis=1)
+    assert 0 < rows.sum() < len(raw) and len(data) == len(raw)
+    assert np.abs(actions).max() <= ACTION_CLIP
+    np.testing.assert_array_equal(
+        actions[rows], np.clip(raw[rows].astype(np.float64), -ACTION_CLIP, ACTION_CLIP).astype(np.float32)
+    )
+    np.testing.assert_array_equal(actions[~rows], raw[~rows])
+    excess = np.abs(raw.astype(np.float64))[outside] - 1.0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "action bounds" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"note: dataset file {path}: --clip-actions clipped"), notes
+    assert f"{rows.sum()} of {len(raw)} transitions ({outside.sum()} of {raw.size} entries)" in notes[0], notes[0]
+    assert f"by up to {excess.max():.3g} of the half-range (mean {excess.mean():.3g} " in notes[0], notes[0]
+
+
+def test_clip_actions_leaves_actions_inside_the_bounds_alone(tmp_path, hopper_arrays, capsys):
+    path = str(tmp_path / "x.npz")
+    save(path, hopper_arrays)
+    data = load_dataset(path, env_id="Hopper-v5", clip_actions=True)
+    np.testing.assert_array_equal(data.actions.numpy(), hopper_arrays["actions"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "action bounds" in line]
+    assert len(notes) == 1 and "none clipped" in notes[0], notes
+
+
+def scale_minari_actions(root):
+    (main_data,) = glob.glob(os.path.join(root, "test", "hopper", "bad-v0", "data", "*.hdf5"))
+    with h5py.File(main_data, "r+") as f:
+        for episode in f.values():
+            episode["actions"][...] = episode["actions"][()] * 3.0
+
+
+def scale_ogbench_actions(dataset_dir):
+    for suffix in ("", "-val"):
+        edit_npz(
+            os.path.join(dataset_dir, f"pointmaze-medium-navigate-v0{suffix}.npz"),
+            lambda r: dict(r, actions=r["actions"] * 3.0),
+        )
+
+
+@pytest.mark.parametrize("source", ["minari", "ogbench"])
+def test_clip_actions_applies_to_every_source(tmp_path, monkeypatch, minari_source, ogbench_source, capsys, source):
+    """Minari and OGBench data with actions 3x their env's bounds: refused by default, clipped with one note per split."""
+    root = str(tmp_path / source)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", root)  # restored after the test (the loader sets it from dataset_dir)
+    shutil.copytree(minari_source if source == "minari" else ogbench_source, root)
+    (scale_minari_actions if source == "minari" else scale_ogbench_actions)(root)
+    name, splits = ("test/hopper/bad-v0", 1) if source == "minari" else (OGBENCH_NAME, 2)
+    with pytest.raises(SystemExit) as excinfo:
+        load_dataset(name, dataset_dir=root)
+    assert_one_line(excinfo, "action bounds", "rerun with --clip-actions")
+    data = load_dataset(name, dataset_dir=root, clip_actions=True)
+    assert data.actions.abs().max().item() <= ACTION_CLIP
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--clip-actions clipped" in line]
+    assert len(notes) == splits, notes
 
 
 def test_flowq_refuses_a_nan_reward_file_without_traceback(tmp_path, hopper_arrays):
