@@ -1,7 +1,7 @@
 """Online environments: Gymnasium MuJoCo v5 / classic control, and FrankaKitchen-v1.
 
 `make_env` returns one seeded, episode-statistics-wrapped env (optionally recording video) with a
-flat float observation and a Box action space. Gymnasium 1.x reports `terminated` and `truncated`
+flat float observation and a Box action space in [-1, 1] (gymnasium's RescaleAction maps it to the env's bounds). Gymnasium 1.x reports `terminated` and `truncated`
 separately; the training scripts bootstrap through truncation and cut it only on termination.
 """
 
@@ -75,6 +75,8 @@ def make_env(
         )
     if not isinstance(env.observation_space, gym.spaces.Box):
         env = gym.wrappers.FlattenObservation(env)
+    if not (np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)):
+        env = gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))  # the policies act in [-1, 1]
     if capture_video:
         env = gym.wrappers.RecordVideo(
             env, video_folder, disable_logger=True

@@ -10,13 +10,12 @@ forward and backward). Those products, with the same shapes, strides and dtypes,
 - with --jax-python, the same products run under jax.jit (XLA's GEMM) in that interpreter, for the same figure on the
   official code's library.
 
-Compare with the measured updates/s of fino.py and of the official JAX FQL (README, "Speed against the official FQL").
+Compare with the measured updates/s of fino.py and of the official JAX FQL (docs/speed.md, "FINO against the official FQL (CPU)").
 
     python scripts/gemm_bound.py
     python scripts/gemm_bound.py --jax-python ~/.cache/fql-bench/jaxvenv/bin/python
 """
 
-import functools
 import json
 import os
 import subprocess
@@ -87,9 +86,8 @@ def record_update(args: Args) -> list:
         masks=torch.ones(batch_size),
         **fino.draw_noise(batch_size, args.act_dim, torch.device("cpu")),
     )
-    step = functools.partial(fino.update, nets, target_critic, optimizer, fino_args)
     with RecordGemms() as recorder:
-        step(*(batch[key] for key in fino.BATCH_KEYS))
+        fino.update(batch, dict(nets=nets, target_critic=target_critic, optimizer=optimizer), fino_args)
     return recorder.calls
 
 

@@ -228,12 +228,12 @@ def test_act_fino_picks_among_candidates_and_fql_takes_one_sample():
     torch.manual_seed(0)
     onestep, critic = MLP(3 + 2, 2, 16, 2), make_critic(3, 2, TINY_NETS)
     obs = torch.randn(5, 3)
-    greedy = act(obs, 10.0, onestep, critic, 2, 6, True, "mean", greedy=True)
+    greedy = act(obs, 10.0, onestep, critic, 6, "mean", greedy=True)
     assert greedy.shape == (5, 2) and (greedy.abs() <= 1).all()
     # the evaluation action is the candidate with the highest aggregated Q among K = 6 fresh ones, per state
     for q_agg in ("mean", "min"):
         torch.manual_seed(2)
-        chosen = act(obs, 10.0, onestep, critic, 2, 6, True, q_agg, greedy=True)
+        chosen = act(obs, 10.0, onestep, critic, 6, q_agg, greedy=True)
         torch.manual_seed(2)
         obs_rep = obs[:, None].expand(5, 6, 3)
         candidates = onestep(obs_rep, torch.randn(5, 6, 2)).clamp(-1, 1)
@@ -242,13 +242,13 @@ def test_act_fino_picks_among_candidates_and_fql_takes_one_sample():
         assert torch.allclose(chosen, candidates[torch.arange(5), q.argmax(1)])
     # FQL: clip(mu(s, z)) with a fresh z: reproducible from the seed, stochastic across calls
     torch.manual_seed(1)
-    a1 = act(obs, 10.0, onestep, critic, 2, 1, False, "mean", greedy=True)
+    a1 = act(obs, 10.0, onestep, critic, 1, "mean", greedy=True)
     torch.manual_seed(1)
     z = torch.randn(5, 2)
     assert torch.allclose(a1, onestep(obs, z).clamp(-1, 1))
-    assert not torch.allclose(a1, act(obs, 10.0, onestep, critic, 2, 1, False, "mean", greedy=True))
+    assert not torch.allclose(a1, act(obs, 10.0, onestep, critic, 1, "mean", greedy=True))
     # batched draws for the entropy estimate: leading dimensions are independent calls
-    assert act(obs.expand(7, 5, 3), 10.0, onestep, critic, 2, 4, True, "min", greedy=False).shape == (7, 5, 2)
+    assert act(obs.expand(7, 5, 3), 10.0, onestep, critic, 4, "min", greedy=False).shape == (7, 5, 2)
 
 
 # ---- --algo and the per-task tables ---------------------------------------------------------------------------------
@@ -680,3 +680,21 @@ def test_file_dataset_run_is_named_after_the_files_base_name(tmp_path):
     (run_dir,) = run_dirs(tmp_path)
     assert os.path.basename(run_dir).startswith("pendulum-random__fino__1__")
     assert "eval/episodic_return" in scalars(run_dir)
+
+
+@pytest.mark.parametrize("eta, expected", [(0.1, 0.2105), (0.5, 0.6796)])
+def test_paper_target_leaves_the_injected_noise_out_of_the_learned_flow(eta, expected):
+    """Around a point datum x1 = 0 the paper schedule's regression optimum is v(y, t) = k(t) y with k(t) =
+    E[target * input] / E[input^2] (both Gaussian), so the flow from N(0, 1) ends with std exp(int_0^1 k dt):
+    0.21 at eta = 0.1 and 0.68 at eta = 0.5 (closed form exp(-int c (1 - t) / (1 - c t)^2 dt), c = 1 - eta), not the
+    sigma_min = eta of the path its input follows: the target x1 - (1 - eta) x0 does not carry the injected noise."""
+    g = torch.Generator().manual_seed(0)
+    ts, n = torch.linspace(0.0, 1.0, 101, dtype=torch.float64), 200_000
+    slopes = []
+    for t in ts:
+        x0, xi = torch.randn(n, 1, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)
+        x_in, target = noisy_flow_pair(x0, torch.zeros(n, 1, dtype=torch.float64), t.expand(n, 1), xi, "paper", eta, 0.1)
+        slopes.append((target * x_in).mean() / x_in.pow(2).mean())
+    final_std = torch.trapezoid(torch.stack(slopes), ts).exp().item()
+    assert final_std == pytest.approx(expected, abs=0.01)
+    assert abs(final_std - eta) > 0.1

@@ -10,10 +10,8 @@ import torch
 
 from common.datasets import OfflineData
 from fino import (
-    BATCH_KEYS,
     Args,
     candidate_logits,
-    compiled,
     dataset_tag,
     draw_noise,
     fql_losses,
@@ -21,6 +19,7 @@ from fino import (
     make_nets,
     online_reward_shift,
     resolve_args,
+    speed_up,
     training_env,
     update,
     validation_metrics,
@@ -189,9 +188,9 @@ def test_compile_matches_eager_fino():
     for compile_it in (False, True):
         nets, target, batch = setup(batch_size=16)
         optimizer = torch.optim.Adam(nets.parameters(), lr=1e-3)
-        step = compiled(update) if compile_it else update
+        step = speed_up(update, dataclasses.replace(TINY, compile=compile_it))
         torch.manual_seed(3)
-        metrics = step(nets, target, optimizer, loss_args(), *(batch[k] for k in BATCH_KEYS))
+        metrics = step(batch, dict(nets=nets, target_critic=target, optimizer=optimizer), loss_args())
         runs.append((metrics, [p.detach().clone() for p in [*nets.parameters(), *target.parameters()]]))
     (eager_metrics, eager_params), (compiled_metrics, compiled_params) = runs
     assert list(eager_metrics) == list(compiled_metrics)
@@ -213,7 +212,7 @@ def test_update_polyak_averages_the_pre_step_critic_and_steps_every_network_once
     target_before = [p.detach().clone() for p in target.parameters()]
     all_before = [p.detach().clone() for p in nets.parameters()]
     optimizer = torch.optim.Adam(nets.parameters(), lr=1e-2)
-    metrics = update(nets, target, optimizer, args, *(batch[k] for k in BATCH_KEYS))
+    metrics = update(batch, dict(nets=nets, target_critic=target, optimizer=optimizer), args)
     for new, old_target, old_critic in zip(target.parameters(), target_before, critic_before):
         assert torch.allclose(new, 0.7 * old_target + 0.3 * old_critic, atol=1e-6)
     # Adam's first step moves every parameter with a non-zero gradient by lr (its first update is lr * sign(grad))

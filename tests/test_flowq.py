@@ -6,6 +6,8 @@ import os
 import runpy
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,16 +19,19 @@ from flowq import (
     Args,
     LearnedSchedule,
     VelocityField,
+    act,
     actor_loss,
-    build_agent,
     critic_loss,
     energy_coefficient,
     expectile_loss,
     guided_target,
     load_checkpoint,
+    make_agent,
     sample_actions,
-    train_step,
+    speed_up,
+    update,
     update_actor,
+    update_critic,
     update_schedule,
     with_domain_defaults,
 )
@@ -276,13 +281,15 @@ def test_learned_schedule_fits_the_gaussian_matched_schedule_and_realises_the_ex
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=2e-3)
     schedule_optimizer = torch.optim.Adam(schedule.parameters(), lr=1e-2)
     obs, linear_q = torch.zeros(512, 1), lambda o, a: a.sum(-1)
-    guidance = dict(energy_scale=1.0, normalize_energy=False)
+    args = Args(energy_scale=1.0, normalize_energy=False, schedule="learned")
+    agent = dict(actor=actor, schedule=schedule, actor_optimizer=actor_optimizer, schedule_optimizer=schedule_optimizer)
+    agent["critic_target"] = lambda o, a: linear_q(o, a).unsqueeze(0)  # a one-member "ensemble" with Q = a
     for step in range(2000):
         for group in actor_optimizer.param_groups:
             group["lr"] = 2e-3 if step < 1500 else 5e-4
         a1, a0, t = mu + s * torch.randn(512, 1), torch.randn(512, 1), torch.rand(512, 1)
-        update_actor(actor, linear_q, schedule, actor_optimizer, obs, a1, a0, t, schedule_name="learned", **guidance)
-        update_schedule(schedule, actor, linear_q, schedule_optimizer, obs, a1, a0, t, **guidance)
+        update_actor(obs, a1, a0, t, agent, args)
+        update_schedule(obs, a1, a0, t, agent, args)
     t = torch.tensor([[0.1], [0.3], [0.5], [0.7], [0.9]])
     with torch.no_grad():
         torch.testing.assert_close(schedule.ratio(t), s**2 / spread(t, s) ** 2, rtol=0.15, atol=0.02)
@@ -294,9 +301,13 @@ def test_learned_schedule_fits_the_gaussian_matched_schedule_and_realises_the_ex
 
 
 def tiny_agent(**flags):
+    """flowq's agent dict, with its args and its update and acting functions as the script binds them."""
     torch.manual_seed(0)
     args = with_domain_defaults(Args(hidden_dim=16, num_layers=2, batch_size=8, cuda=False, **flags))
-    return build_agent(args, 3, 2, torch.device("cpu"))
+    agent = make_agent(args, 3, 2, torch.device("cpu"))
+    train_step = speed_up(partial(update, agent=agent, args=args), args)
+    policy_step = speed_up(partial(act, agent["actor"], flow_steps=args.flow_steps), args)
+    return SimpleNamespace(**agent, args=args, train_step=train_step, policy_step=policy_step, dict=agent)
 
 
 def tiny_batch(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -323,7 +334,7 @@ def perturb(module: torch.nn.Module) -> None:
 def test_critic_loss_is_iql_with_the_target_critic_in_v_and_masks_in_the_backup():
     agent, batch, gamma, tau = tiny_agent(), tiny_batch(), 0.9, 0.7
     perturb(agent.critic_target)  # critic and target differ, so a swap changes the losses
-    loss, metrics = critic_loss(agent.critic, agent.critic_target, agent.value, batch, gamma, tau)
+    loss, metrics = critic_loss(batch, agent.dict, Args(gamma=gamma, expectile=tau))
     obs, actions = batch["observations"], batch["actions"]
     with torch.no_grad():
         v = agent.value(obs)
@@ -341,7 +352,7 @@ def test_critic_step_trains_the_critic_and_polyak_averages_the_target():
     agent, batch = tiny_agent(tau=0.25), tiny_batch()
     critic_before = [p.detach().clone() for p in agent.critic.parameters()]
     target_before = [p.detach().clone() for p in agent.critic_target.parameters()]
-    agent.critic_step(*(batch[k] for k in TRANSITION_KEYS))
+    update_critic(batch, agent.dict, agent.args)
     for before, after in zip(critic_before, agent.critic.parameters()):
         assert not torch.equal(before, after)  # the online critic is the one regressed
     for before, critic_p, target_p in zip(target_before, agent.critic.parameters(), agent.critic_target.parameters()):
@@ -353,7 +364,7 @@ def actor_after_one_step(perturbed: str | None) -> list[torch.Tensor]:
     if perturbed:
         perturb(getattr(agent, perturbed))
     a0, t = torch.randn(8, 2, generator=torch.Generator().manual_seed(2)), torch.linspace(0.05, 0.95, 8).unsqueeze(-1)
-    agent.actor_step(batch["observations"], batch["actions"], a0, t)
+    update_actor(batch["observations"], batch["actions"], a0, t, agent.dict, agent.args)
     return [p.detach().clone() for p in agent.actor.parameters()]
 
 
@@ -371,7 +382,7 @@ def test_actor_loss_regresses_u_theta_at_a_t_onto_the_guided_target(schedule):
     perturb(agent.critic_target)
     obs, a1 = batch["observations"], batch["actions"]
     a0, t = torch.randn(8, 2, generator=torch.Generator().manual_seed(2)), torch.linspace(0.05, 0.95, 8).unsqueeze(-1)
-    loss, metrics = actor_loss(agent.actor, agent.energy, agent.schedule, obs, a1, a0, t, schedule, 0.7, True)
+    loss, metrics = actor_loss(obs, a1, a0, t, agent.dict, agent.args)
     a_t = t * a1 + (1 - t) * a0
     query = a_t.clamp(-1, 1).requires_grad_(True)
     (grad_q,) = torch.autograd.grad(agent.critic_target(obs, query).min(0).values.sum(), query)
@@ -446,7 +457,7 @@ def test_compile_matches_eager_flowq():
     results = []
     for compiled in (False, True):
         agent = tiny_agent(compile=compiled, flow_steps=2, schedule="learned")
-        metrics = train_step(agent, batch, a0, t)
+        metrics = agent.train_step(batch, a0, t)
         params = [
             p.detach().clone() for m in (agent.actor, agent.critic, agent.critic_target, agent.value) for p in m.parameters()
         ]
@@ -535,3 +546,26 @@ def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
     )
     assert_one_line_error(result, "became non-finite at step 1; stopping (logs kept in runs/test-hopper-random-v0__flowq__1__")
     assert len(run_dirs(tmp_path)) == 1
+
+
+def test_learned_schedule_regresses_onto_the_per_dimension_variance():
+    """h_theta(t) / t is regressed onto the residual ||u_theta - u_hat_t||^2 averaged over the action dimensions: with
+    the exact velocity field of a 3-D Gaussian behaviour N(mu, s^2 I) as u_theta, h_theta(t) / t learns the
+    per-dimension Var(a_1 - a_0 | a_t) = s^2 / sigma_t^2 (recon Sec. 5), not d = 3 times it."""
+    mu, s = 0.2, 0.3
+
+    class ExactField(torch.nn.Module):  # E[a_1 - a_0 | a_t] of the linear path from N(0, I) to N(mu, s^2 I)
+        def forward(self, obs, a, t):
+            return mu + (t * s**2 - (1 - t)) / spread(t, s) ** 2 * (a - t * mu)
+
+    torch.manual_seed(0)
+    schedule = LearnedSchedule()
+    agent = dict(actor=ExactField(), schedule=schedule, schedule_optimizer=torch.optim.Adam(schedule.parameters(), lr=1e-2))
+    args = Args(energy_scale=0.0, schedule="learned")  # no guidance: the residual's variance is the behaviour's own
+    obs = torch.zeros(1024, 1)
+    for _ in range(800):
+        a1, a0, t = mu + s * torch.randn(1024, 3), torch.randn(1024, 3), torch.rand(1024, 1)
+        update_schedule(obs, a1, a0, t, agent, args)
+    t = torch.tensor([[0.1], [0.3], [0.5], [0.7], [0.9]])
+    with torch.no_grad():
+        torch.testing.assert_close(schedule.ratio(t), s**2 / spread(t, s) ** 2, rtol=0.1, atol=0.01)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowq import load_optimizer, rng_states, set_rng_states
+from flowq import restore, rng_states
 from tests.conftest import ROOT, assert_one_line_error, run_script, scalars, spoil_run
 from tests.fixtures import write_d4rl_file
 
@@ -209,7 +209,7 @@ def test_a_resume_keeps_the_new_runs_optimizer_settings():
     state["param_groups"][0].update(capturable=True, foreach=True)  # as a --cudagraphs run saves it
     param = torch.nn.Parameter(saved_param.detach().clone())
     optimizer = torch.optim.Adam([param], lr=0.1, foreach=False)
-    load_optimizer(optimizer, state)
+    restore({"optimizer": state, "global_step": 0}, {"optimizer": optimizer}, "flowq.pt")
     assert optimizer.param_groups[0]["capturable"] is False and optimizer.param_groups[0]["foreach"] is False
     for p, opt in ((saved_param, saved), (param, optimizer)):
         opt.zero_grad()
@@ -225,5 +225,5 @@ def test_restored_rng_states_draw_the_same_numbers_from_every_stream():
     draws = lambda: (torch.rand(3), np.random.rand(3), random.random())
     expected = draws()
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    set_rng_states(states)
+    rng_states((), states)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(draws(), expected))

@@ -16,7 +16,7 @@ from fmer import (
     make_critic,
     sample_candidates,
     store_transition,
-    train_step,
+    update,
     update_actor,
     update_adv_temperature,
     update_critic,
@@ -45,9 +45,8 @@ def actor_step_delta(alpha: float, lr: float = 1e-3):
     torch.manual_seed(2)
     log_alpha = torch.tensor(float(np.log(alpha)))
     optimizer = torch.optim.SGD(actor.parameters(), lr=lr)
-    update_actor(
-        obs, obs_rep, z1, path, velocities, log_alpha, actor, critic, optimizer, 0.5, "softmax", hutchinson_divergence, True
-    )
+    agent = dict(actor=actor, critic=critic, log_alpha=log_alpha, log_beta=torch.zeros(()), actor_optimizer=optimizer)
+    update_actor(obs, obs_rep, z1, path, velocities, agent, fmer.Args(adv_temperature=0.5), True)
     return flat(actor) - before, (obs, obs_rep, z1, path, velocities)
 
 
@@ -82,9 +81,9 @@ def test_critic_target_comes_from_the_target_networks():
     next_obs_rep, next_z1 = sample_candidates(actor, next_obs, N, K)
     q_before = critic(obs, actions).detach()
     optimizer = torch.optim.SGD(critic.parameters(), lr=0.0)
-    metrics = update_critic(
-        obs, actions, torch.zeros(BATCH), torch.zeros(BATCH), next_obs_rep, next_z1, critic, critic_target, optimizer, 1.0, 1.0
-    )
+    agent = dict(critic=critic, critic_target=critic_target, critic_optimizer=optimizer)
+    zeros = torch.zeros(BATCH)
+    metrics = update_critic(obs, actions, zeros, zeros, next_obs_rep, next_z1, agent, fmer.Args(gamma=1.0, reward_scale=1.0))
     expected = torch.nn.functional.mse_loss(q_before, torch.full_like(q_before, 5.0)).item()
     assert metrics["losses/qf_loss"].item() == pytest.approx(expected, rel=1e-6)
     assert metrics["losses/qf_values"].item() == pytest.approx(q_before.mean().item(), rel=1e-6)
@@ -108,21 +107,12 @@ def test_actor_candidates_come_from_the_batch_states(monkeypatch):
     args = fmer.Args(num_candidates=N, flow_steps=K)
     torch.manual_seed(1)
     obs, next_obs = torch.randn(BATCH, OBS_DIM), 10 + torch.randn(BATCH, OBS_DIM)
-    step = functools.partial(
-        train_step,
-        actor=actor,
-        critic=critic,
-        critic_target=critic_target,
-        log_alpha=log_alpha,
-        log_beta=log_beta,
-        actor_optimizer=torch.optim.SGD(actor.parameters(), lr=0.0),
-        critic_optimizer=torch.optim.SGD(critic.parameters(), lr=0.0),
-        alpha_optimizer=torch.optim.SGD([log_alpha], lr=0.0),
-        beta_optimizer=None,
-        args=args,
-        target_entropy=-2.0,
-        entropy_on=True,
+    agent = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha, log_beta=log_beta)
+    agent.update(actor_optimizer=torch.optim.SGD(actor.parameters(), lr=0.0), beta_optimizer=None)
+    agent.update(
+        critic_optimizer=torch.optim.SGD(critic.parameters(), lr=0.0), alpha_optimizer=torch.optim.SGD([log_alpha], lr=0.0)
     )
+    step = functools.partial(update, agent=agent, args=args, entropy_on=True)  # target entropy -dim(A) = -2
     step(obs, torch.zeros(BATCH, ACT_DIM), torch.zeros(BATCH), torch.zeros(BATCH), next_obs)
     obs_rep, path, velocities = seen["obs_rep"], seen["path"], seen["velocities"]
     assert torch.equal(seen["obs"], obs) and torch.equal(obs_rep, obs.repeat_interleave(N, 0))
@@ -151,7 +141,7 @@ def test_adv_temperature_dual_step_direction(ess_fraction, direction):
     """--adv-temperature-mode ess: weights too peaked (ESS below the 0.5 target) raise beta; too flat lower it."""
     log_beta = torch.tensor(np.log(0.5), dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.SGD([log_beta], lr=0.1)
-    metrics = update_adv_temperature(torch.tensor(ess_fraction), log_beta, optimizer, 0.5)
+    metrics = update_adv_temperature(torch.tensor(ess_fraction), dict(log_beta=log_beta, beta_optimizer=optimizer), 0.5)
     assert metrics["charts/adv_temperature"].item() == pytest.approx(0.5)  # the temperature the weights used
     assert log_beta.item() - np.log(0.5) == pytest.approx(direction * 0.1 * abs(ess_fraction - 0.5), rel=1e-5)
 
@@ -165,5 +155,34 @@ def test_adv_temperature_reaches_the_target_ess():
     ess = lambda: (1.0 / candidate_weights(q, log_beta.detach().exp(), "softmax").pow(2).sum(1)).mean() / 8
     assert ess() < 0.3
     for _ in range(500):
-        update_adv_temperature(ess(), log_beta, optimizer, 0.6)
+        update_adv_temperature(ess(), dict(log_beta=log_beta, beta_optimizer=optimizer), 0.6)
     assert ess().item() == pytest.approx(0.6, abs=0.01)
+
+
+@pytest.mark.parametrize("entropy, direction", [(-1.0, -1.0), (-3.0, 1.0)])
+def test_alpha_dual_step_direction(entropy, direction):
+    """Sec. 4.3: alpha grows while the entropy is below the target (-2 here) and shrinks above it; one SGD step on
+    log alpha moves it by -lr * alpha * (H - H_target)."""
+    log_alpha = torch.tensor(np.log(0.5), dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.SGD([log_alpha], lr=0.1)
+    metrics = fmer.update_alpha(torch.tensor(entropy), dict(log_alpha=log_alpha, alpha_optimizer=optimizer), -2.0)
+    assert metrics["losses/alpha_loss"].item() == pytest.approx(0.5 * (entropy + 2.0))
+    assert log_alpha.item() - np.log(0.5) == pytest.approx(direction * 0.1 * 0.5 * abs(entropy + 2.0), rel=1e-5)
+
+
+def test_update_polyak_averages_the_target_towards_the_online_critic():
+    """After an update, Q_target = (1 - tau) Q_target_before + tau Q_online_after (a step of size tau towards the online
+    critic, not 1 - tau)."""
+    torch.manual_seed(0)
+    args = fmer.Args(
+        hidden_dim=8, num_layers=2, num_candidates=N, flow_steps=K, tau=0.25, batch_size=BATCH, learning_starts=BATCH
+    )
+    agent = fmer.make_agent(args, OBS_DIM, ACT_DIM, torch.device("cpu"))
+    with torch.no_grad():
+        for p in agent["critic_target"].parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.detach().clone() for p in agent["critic_target"].parameters()]
+    obs, next_obs = torch.randn(BATCH, OBS_DIM), torch.randn(BATCH, OBS_DIM)
+    update(obs, torch.rand(BATCH, ACT_DIM) * 2 - 1, torch.randn(BATCH), torch.zeros(BATCH), next_obs, agent, args, True)
+    for old, new, online in zip(before, agent["critic_target"].parameters(), agent["critic"].parameters()):
+        assert torch.allclose(new, 0.75 * old + 0.25 * online, atol=1e-6)

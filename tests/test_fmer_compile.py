@@ -1,5 +1,7 @@
 """--compile: the compiled update computes what the eager one does (CPU inductor; tiny networks, compiling is slow)."""
 
+import functools
+
 import torch
 import torch._inductor.config
 
@@ -15,12 +17,14 @@ def one_step(compile_: bool, monkeypatch):
         compile=compile_, hidden_dim=8, num_layers=1, num_candidates=2, flow_steps=2, batch_size=BATCH, learning_starts=8
     )
     torch.manual_seed(0)
-    agent, step_fns, act_fn = fmer.build_agent(args, OBS_DIM, ACT_DIM, torch.device("cpu"))
+    agent = fmer.make_agent(args, OBS_DIM, ACT_DIM, torch.device("cpu"))
+    train_step = fmer.speed_up(functools.partial(fmer.update, agent=agent, args=args, entropy_on=True), args)
+    act_fn = fmer.speed_up(functools.partial(fmer.act, agent=agent, args=args), args)
     initial = torch.cat([p.detach().flatten() for p in agent["actor"].parameters()])
     torch.manual_seed(1)
     obs, next_obs = torch.randn(BATCH, OBS_DIM), torch.randn(BATCH, OBS_DIM)
     actions, rewards = torch.rand(BATCH, ACT_DIM) * 2 - 1, torch.randn(BATCH)
-    metrics = step_fns[True](obs, actions, rewards, torch.zeros(BATCH), next_obs)
+    metrics = train_step(obs, actions, rewards, torch.zeros(BATCH), next_obs)
     params = {
         name: p.detach().clone() for key in ("actor", "critic", "critic_target") for name, p in agent[key].named_parameters()
     }

@@ -213,7 +213,7 @@ def test_resume_keeps_the_new_runs_optimizer_settings(saved_fast):
 
     def agent(fast: bool) -> dict:
         args = fmer.Args(compile=fast, hidden_dim=8, num_layers=1, batch_size=8, learning_starts=8, total_timesteps=20)
-        return fmer.build_agent(args, 3, 2, torch.device("cpu"))[0]
+        return fmer.make_agent(args, 3, 2, torch.device("cpu"))
 
     saved = agent(saved_fast)
     saved["actor"](torch.randn(4, 3), torch.randn(4, 2), torch.rand(4, 1)).sum().backward()
@@ -221,10 +221,10 @@ def test_resume_keeps_the_new_runs_optimizer_settings(saved_fast):
     for _ in range(5):
         saved["actor_schedule"].step()
     file = io.BytesIO()
-    torch.save({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in saved.items()}, file)  # save_checkpoint
+    torch.save({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in saved.items()} | {"global_step": 5}, file)
     file.seek(0)
     restored = agent(not saved_fast)
-    fmer.restore_agent(restored, torch.load(file, weights_only=False), "fmer.pt")
+    fmer.restore(torch.load(file, weights_only=False), restored, "fmer.pt")
     group, saved_group = restored["actor_optimizer"].param_groups[0], saved["actor_optimizer"].param_groups[0]
     new_fast = not saved_fast
     assert isinstance(group["lr"], torch.Tensor) == new_fast and group["foreach"] == (False if new_fast else None)
@@ -241,9 +241,10 @@ def test_restored_rng_states_draw_the_same_numbers_from_every_stream():
     they drew right after being read."""
     env = gym.make("Pendulum-v1")
     env.reset(seed=3)
-    states = fmer.rng_states(env)
+    generators = lambda: [env.unwrapped.np_random, env.action_space.np_random]  # reseeding replaces them
+    states = fmer.rng_states(generators())
     draws = lambda: (torch.rand(3), np.random.rand(3), random.random(), env.reset()[0], env.action_space.sample())
     expected = draws()
     torch.manual_seed(1), np.random.seed(1), random.seed(1), env.reset(seed=1), env.action_space.seed(1)
-    fmer.set_rng_states(states, env)
+    fmer.rng_states(generators(), states)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(draws(), expected))

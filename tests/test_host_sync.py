@@ -56,12 +56,12 @@ def test_the_detector_catches_a_host_sync():
 def test_fmer_update_and_acting_never_sync(entropy_on):
     args = fmer.Args(hidden_dim=8, num_layers=1, num_candidates=3, flow_steps=2, batch_size=8, learning_starts=8)
     torch.manual_seed(0)
-    agent, step_fns, act_fn = fmer.build_agent(args, 3, 2, torch.device("cpu"))
+    agent = fmer.make_agent(args, 3, 2, torch.device("cpu"))
     without_adam_step(*(value for key, value in agent.items() if key.endswith("_optimizer")))
     batch = (torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.zeros(8), torch.randn(8, 3))
     with NoHostSync():
-        step_fns[entropy_on](*batch)
-        act_fn(torch.randn(1, 3))
+        fmer.update(*batch, agent=agent, args=args, entropy_on=entropy_on)
+        fmer.act(torch.randn(1, 3), agent, args)
 
 
 @pytest.mark.parametrize("algo", ["fino", "fql"])
@@ -75,18 +75,18 @@ def test_fino_update_and_acting_never_sync(algo):
     batch = transitions(**fino.draw_noise(8, 2, torch.device("cpu")))
     guided, beta = algo == "fino", torch.tensor(1.0)
     with NoHostSync():
-        fino.update(nets, target_critic, optimizer, args, *(batch[key] for key in fino.BATCH_KEYS))
+        fino.update(batch, dict(nets=nets, target_critic=target_critic, optimizer=optimizer), args)
         for greedy in (False, True):
-            fino.act(torch.randn(1, 3), beta, nets["onestep"], nets["critic"], 2, 4, guided, args.q_agg, greedy)
+            fino.act(torch.randn(1, 3), beta, nets["onestep"], nets["critic"], 4 if guided else 1, args.q_agg, greedy)
 
 
 @pytest.mark.parametrize("schedule", ["learned", "t"])
 def test_flowq_update_and_acting_never_sync(schedule):
     torch.manual_seed(0)
     args = flowq.with_domain_defaults(flowq.Args(hidden_dim=8, num_layers=2, batch_size=8, cuda=False, schedule=schedule))
-    agent = flowq.build_agent(args, 3, 2, torch.device("cpu"))
-    without_adam_step(agent.actor_optimizer, agent.critic_optimizer, agent.schedule_optimizer)
+    agent = flowq.make_agent(args, 3, 2, torch.device("cpu"))
+    without_adam_step(agent["actor_optimizer"], agent["critic_optimizer"], agent["schedule_optimizer"])
     batch = transitions(terminals=torch.zeros(8), dones=torch.zeros(8))
     with NoHostSync():
-        flowq.train_step(agent, batch, torch.randn(8, 2), torch.rand(8, 1))
-        agent.policy_step(torch.randn(1, 3), torch.randn(1, 2))
+        flowq.update(batch, torch.randn(8, 2), torch.rand(8, 1), agent, args)
+        flowq.act(agent["actor"], torch.randn(1, 3), torch.randn(1, 2), args.flow_steps)

@@ -15,12 +15,15 @@ SCRIPTS = (fmer, fino, flowq)
 SHARED = (
     "CriticEnsemble",
     "evaluate",
+    "require",
+    "speed_up",
+    "check_finite",
+    "request_stop",
     "save_checkpoint",
     "load_checkpoint",
-    "load_optimizer",
-    "CudaGraphStep",
-    "record_nonfinite",
-    "raise_if_nonfinite",
+    "resume_args",
+    "restore",
+    "rng_states",
 )
 
 
