@@ -95,7 +95,7 @@ class Args:
     """with --save-model, also save the replay buffer's online rows (`buffer.pt`), so --resume continues exactly"""
     # The FQL skeleton
     preset: str = "auto"
-    """per-task alpha / gamma / q_agg from fino_presets.toml: `auto` (the first key in --dataset or --d4rl-name), a key, `none`"""
+    """per-task alpha / gamma / q_agg (fino_presets.toml): `auto` (the first key in --dataset or --d4rl-name), a key, `none`"""
     alpha: float | None = None
     """distillation coefficient alpha (weights L_distill); default: from --preset, else 10"""
     gamma: float | None = None
@@ -155,93 +155,6 @@ class Args:
     """episodes per evaluation"""
     log_every: int = 5_000
     """write losses and SPS to TensorBoard every this many steps"""
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill every None flag: explicit flags win over --algo's protocol (eta, online steps, buffer, eval interval: the
-    official FINO code; the FQL paper's runs) and the per-task preset, the preset over FQL's defaults (10, 0.99, mean)."""
-    protocol = dict(fino=(0.1, 500_000, 1_500_000, 50_000), fql=(0.0, 1_000_000, 2_000_000, 100_000))
-    eta, online_steps, buffer_size, eval_every = protocol[args.algo]
-    fill = lambda value, default: default if value is None else value
-    args = dataclasses.replace(
-        args, eta=fill(args.eta, eta), online_steps=fill(args.online_steps, online_steps), eval_every=fill(args.eval_every, eval_every),
-        buffer_size=fill(args.buffer_size, buffer_size), entropy_guidance=args.entropy_guidance and args.algo == "fino",
-    )  # fmt: skip
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fino_presets.toml"), "rb") as file:
-        presets = tomllib.load(file)
-    names = ["fino"] if args.algo == "fino" else ["fql_offline"] if args.online_steps == 0 else ["fql_o2o", "fql_offline"]
-    tables = [presets[name] for name in names]
-    name = f"{args.dataset} {args.d4rl_name or ''}".lower().replace("/", "-").replace("_", "-")
-    found = [v for table in tables for k, v in table.items() if (k in name if args.preset == "auto" else k == args.preset)]
-    keys = ", ".join(dict.fromkeys(k for table in tables for k in table))
-    known = args.preset in ("auto", "none") or found
-    require([(known, f"unknown --preset '{args.preset}' for --algo {args.algo}; use auto, none or one of: {keys}")])
-    preset = found[0] if found and args.preset != "none" else (10.0, 0.99, "mean")
-    alpha, gamma, q_agg = (fill(flag, value) for flag, value in zip((args.alpha, args.gamma, args.q_agg), preset))
-    return dataclasses.replace(args, alpha=alpha, gamma=gamma, q_agg=q_agg)
-
-
-# ---- Dataset, replay buffer and env ---------------------------------------------------------------------------------
-class ReplayBuffer:
-    """Transitions on the training device, pre-filled with the dataset; online data from position N on, then FIFO over
-    the oldest rows (official FQL code); batches are uniform over everything held."""
-
-    KEYS = ("observations", "actions", "rewards", "next_observations", "masks")
-
-    def __init__(self, data, capacity: int, device: torch.device):
-        self.capacity, self.num_data, self.added = max(capacity, len(data) + 1), len(data), 0
-        self.storage = {}
-        for key in self.KEYS:
-            source = getattr(data, key).to(device)
-            self.storage[key] = torch.zeros(self.capacity, *source.shape[1:], dtype=torch.float32, device=device)
-            self.storage[key][: self.num_data] = source
-        self.size, self.pos = self.num_data, self.num_data % self.capacity
-
-    def add(self, obs, action, reward, next_obs, mask) -> None:
-        for key, value in zip(self.KEYS, (obs, action, reward, next_obs, mask)):
-            self.storage[key][self.pos] = torch.as_tensor(value, dtype=torch.float32)
-        self.pos, self.size, self.added = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity), self.added + 1
-
-    def online_rows(self) -> torch.Tensor:
-        """The positions of the online transitions still held, oldest first."""
-        return (self.num_data + torch.arange(max(0, self.added - self.capacity), self.added)) % self.capacity
-
-    def state_dict(self) -> dict:
-        """The online rows (host copies) and the count of adds; --resume reloads the dataset's rows from the dataset."""
-        rows = self.online_rows().to(self.storage["masks"].device)
-        return dict(added=self.added, rows={key: value[rows].cpu() for key, value in self.storage.items()})
-
-    def load_state_dict(self, state: dict) -> None:
-        self.added = state["added"]
-        rows = self.online_rows()
-        if len(rows) != len(state["rows"]["masks"]):
-            raise ValueError(f"{len(state['rows']['masks'])} online rows for {self.added} adds")
-        for key, value in self.storage.items():
-            value[rows.to(value.device)] = state["rows"][key].to(value.device)
-        self.pos, self.size = (self.num_data + self.added) % self.capacity, min(self.num_data + self.added, self.capacity)
-
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """A uniform batch, drawn and gathered on the device (no host sync)."""
-        idx = torch.randint(0, self.size, (batch_size,), device=self.storage["masks"].device)
-        return {key: value[idx] for key, value in self.storage.items()}
-
-
-def dataset_tag(name: str) -> str:
-    """The run-name tag of a dataset: a file's base name without extension, else the name with '/' -> '-'."""
-    is_file = os.path.exists(name) or name.endswith(FILE_SUFFIXES)
-    return os.path.splitext(os.path.basename(name))[0] if is_file else name.replace("/", "-")
-
-
-def online_reward_shift(dataset: str, env_id: str | None) -> float:
-    """-1 for D4RL antmaze, whose dataset rewards the loader shifts to r - 1 (IQL/FQL; the official FQL code shifts the
-    online rewards too); 0 for OGBench, shifted already. The loader's rule: the file's env id, else the name, has 'antmaze'."""
-    return -1.0 if not is_ogbench_name(dataset) and "antmaze" in (env_id or dataset).lower() else 0.0
-
-
-def training_env(data, seed: int, reward_shift: float) -> gym.Env:
-    """The online env: the dataset's (its episode statistics record the raw return), rewards shifted by `reward_shift`."""
-    env = data.make_env(seed)
-    return gym.wrappers.TransformReward(env, lambda r: r + reward_shift) if reward_shift else env
 
 
 # ---- Networks -------------------------------------------------------------------------------------------------------
@@ -483,37 +396,129 @@ def evaluate(policy, env: gym.Env, episodes: int, seed: int) -> dict[str, float]
     return result
 
 
+# ---- Dataset, replay buffer and env ---------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Transitions on the training device, pre-filled with the dataset; online data from position N on, then FIFO over
+    the oldest rows (official FQL code); batches are uniform over everything held."""
+
+    KEYS = ("observations", "actions", "rewards", "next_observations", "masks")
+
+    def __init__(self, data, capacity: int, device: torch.device):
+        self.capacity, self.num_data, self.added = max(capacity, len(data) + 1), len(data), 0
+        self.storage = {}
+        for key in self.KEYS:
+            source = getattr(data, key).to(device)
+            self.storage[key] = torch.zeros(self.capacity, *source.shape[1:], dtype=torch.float32, device=device)
+            self.storage[key][: self.num_data] = source
+        self.size, self.pos = self.num_data, self.num_data % self.capacity
+
+    def add(self, obs, action, reward, next_obs, mask) -> None:
+        for key, value in zip(self.KEYS, (obs, action, reward, next_obs, mask)):
+            self.storage[key][self.pos] = torch.as_tensor(value, dtype=torch.float32)
+        self.pos, self.size, self.added = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity), self.added + 1
+
+    def online_rows(self) -> torch.Tensor:
+        """The positions of the online transitions still held, oldest first."""
+        return (self.num_data + torch.arange(max(0, self.added - self.capacity), self.added)) % self.capacity
+
+    def state_dict(self) -> dict:
+        """The online rows (host copies) and the count of adds; --resume reloads the dataset's rows from the dataset."""
+        rows = self.online_rows().to(self.storage["masks"].device)
+        return dict(added=self.added, rows={key: value[rows].cpu() for key, value in self.storage.items()})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.added = state["added"]
+        rows = self.online_rows()
+        if len(rows) != len(state["rows"]["masks"]):
+            raise ValueError(f"{len(state['rows']['masks'])} online rows for {self.added} adds")
+        for key, value in self.storage.items():
+            value[rows.to(value.device)] = state["rows"][key].to(value.device)
+        self.pos, self.size = (self.num_data + self.added) % self.capacity, min(self.num_data + self.added, self.capacity)
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """A uniform batch, drawn and gathered on the device (no host sync)."""
+        idx = torch.randint(0, self.size, (batch_size,), device=self.storage["masks"].device)
+        return {key: value[idx] for key, value in self.storage.items()}
+
+
+def dataset_tag(name: str) -> str:
+    """The run-name tag of a dataset: a file's base name without extension, else the name with '/' -> '-'."""
+    is_file = os.path.exists(name) or name.endswith(FILE_SUFFIXES)
+    return os.path.splitext(os.path.basename(name))[0] if is_file else name.replace("/", "-")
+
+
+def online_reward_shift(dataset: str, env_id: str | None) -> float:
+    """-1 for D4RL antmaze, whose dataset rewards the loader shifts to r - 1 (IQL/FQL; the official FQL code shifts the
+    online rewards too); 0 for OGBench, shifted already. The loader's rule: the file's env id, else the name, has 'antmaze'."""
+    return -1.0 if not is_ogbench_name(dataset) and "antmaze" in (env_id or dataset).lower() else 0.0
+
+
+def training_env(data, seed: int, reward_shift: float) -> gym.Env:
+    """The online env: the dataset's (its episode statistics record the raw return), rewards shifted by `reward_shift`."""
+    env = data.make_env(seed)
+    return gym.wrappers.TransformReward(env, lambda r: r + reward_shift) if reward_shift else env
+
+
 def candidate_count(args: Args, act_dim: int) -> int:
     """K: --num-candidates, else min(10, ceil(A / 2)) (the official code's cap on the paper's A / 2); 1 without guidance."""
     k = (args.num_candidates or min(10, math.ceil(act_dim / 2))) if args.entropy_guidance else 1
-    require([(k != 1 or not args.entropy_guidance, f"entropy guidance needs at least 2 candidates (K = {k} for A = {act_dim}); pass --num-candidates 2 or more, or --no-entropy-guidance")])  # fmt: skip
+    message = f"entropy guidance needs at least 2 candidates (K = {k} for A = {act_dim}); pass --num-candidates 2 or more"
+    require([(k != 1 or not args.entropy_guidance, message + ", or --no-entropy-guidance")])
     return k
 
 
 # ---- TRY NOT TO MODIFY: infrastructure (flag checks, speed path, checkpoints and resume, stop requests, NaN stop) ----
+def resolve_args(args: Args) -> Args:
+    """Fill every None flag: explicit flags win over --algo's protocol (eta, online steps, buffer, eval interval: the
+    official FINO code; the FQL paper's runs) and the per-task preset, the preset over FQL's defaults (10, 0.99, mean)."""
+    protocol = dict(fino=(0.1, 500_000, 1_500_000, 50_000), fql=(0.0, 1_000_000, 2_000_000, 100_000))
+    fill = lambda value, default: default if value is None else value
+    defaults = dict(zip(("eta", "online_steps", "buffer_size", "eval_every"), protocol[args.algo]))
+    args = dataclasses.replace(args, **{key: fill(getattr(args, key), value) for key, value in defaults.items()})
+    args = dataclasses.replace(args, entropy_guidance=args.entropy_guidance and args.algo == "fino")
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fino_presets.toml"), "rb") as file:
+        presets = tomllib.load(file)
+    names = ["fino"] if args.algo == "fino" else ["fql_offline"] if args.online_steps == 0 else ["fql_o2o", "fql_offline"]
+    tables = [presets[name] for name in names]
+    name = f"{args.dataset} {args.d4rl_name or ''}".lower().replace("/", "-").replace("_", "-")
+    found = [v for table in tables for k, v in table.items() if (k in name if args.preset == "auto" else k == args.preset)]
+    keys = ", ".join(dict.fromkeys(k for table in tables for k in table))
+    known = args.preset in ("auto", "none") or found
+    require([(known, f"unknown --preset '{args.preset}' for --algo {args.algo}; use auto, none or one of: {keys}")])
+    preset = found[0] if found and args.preset != "none" else (10.0, 0.99, "mean")
+    alpha, gamma, q_agg = (fill(flag, value) for flag, value in zip((args.alpha, args.gamma, args.q_agg), preset))
+    return dataclasses.replace(args, alpha=alpha, gamma=gamma, q_agg=q_agg)
+
+
 def check_args(a: Args) -> None:
     """Range checks on the resolved flags before any data is loaded: the first failure ends the run with one line."""
-    k, finite = a.num_candidates, math.isfinite
+    groups = {  # flags: (test of each value, rule)
+        "offline_steps online_steps": (lambda v: v >= 0, "be non-negative"),
+        "buffer_size batch_size hidden_dim num_layers num_critics flow_steps": (lambda v: v >= 1, "be positive"),
+        "eval_every eval_episodes log_every beta_update_every": (lambda v: v >= 1, "be positive"),
+        "entropy_states entropy_samples gmm_components gmm_iters": (lambda v: v >= 1, "be positive"),
+        "beta beta_lr": (lambda v: 0 <= v < math.inf, "be non-negative numbers"),
+    }
+    for flags, (ok, rule) in groups.items():
+        names = ["--" + k.replace("_", "-") for k in flags.split()]
+        values = [getattr(a, k) for k in flags.split()]
+        require([(all(map(ok, values)), f"{', '.join(names[:-1])} and {names[-1]} must {rule}, got {values}")])
+    k, positive = a.num_candidates, lambda v: 0 < v < math.inf
     require([
-        (min(a.offline_steps, a.online_steps) >= 0, "--offline-steps and --online-steps must be non-negative"),
         (a.offline_steps + a.online_steps >= 1, "nothing to do: --offline-steps + --online-steps is 0"),
-        (min(a.buffer_size, a.batch_size, a.hidden_dim, a.num_layers, a.num_critics, a.flow_steps) >= 1, "--buffer-size, --batch-size, --hidden-dim, --num-layers, --num-critics and --flow-steps must be positive"),
-        (min(a.eval_every, a.eval_episodes, a.log_every, a.beta_update_every) >= 1, "--eval-every, --eval-episodes, --log-every and --beta-update-every must be positive"),
-        (finite(a.learning_rate) and a.learning_rate > 0, f"--learning-rate must be positive, got {a.learning_rate}"),
+        (positive(a.learning_rate), f"--learning-rate must be positive, got {a.learning_rate}"),
         (0.0 < a.tau <= 1.0, f"--tau must lie in (0, 1], got {a.tau}"),
         (0.0 < a.gamma <= 1.0, f"--gamma must lie in (0, 1], got {a.gamma}"),
-        (finite(a.alpha) and a.alpha >= 0, f"--alpha must be a non-negative number, got {a.alpha}"),
+        (0 <= a.alpha < math.inf, f"--alpha must be a non-negative number, got {a.alpha}"),
         (0.0 <= a.eta <= 1.0, f"--eta must lie in [0, 1] (Prop. 1), got {a.eta}"),
-        (finite(a.noise_scale) and a.noise_scale >= 0, f"--noise-scale must be non-negative, got {a.noise_scale}"),
+        (0 <= a.noise_scale < math.inf, f"--noise-scale must be non-negative, got {a.noise_scale}"),
         (k is None or k >= 1, f"--num-candidates must be at least 1, got {k}"),
-        (a.entropy_guidance or k in (None, 1), "--num-candidates applies to entropy guidance only; without it (or with --algo fql) one sample is taken"),
-        (not a.entropy_guidance or k != 1, "entropy guidance needs at least 2 candidates; pass --num-candidates 2 or more, or --no-entropy-guidance"),
-        (finite(a.beta) and a.beta >= 0 and finite(a.beta_lr) and a.beta_lr >= 0, f"--beta and --beta-lr must be non-negative numbers, got {a.beta} and {a.beta_lr}"),
-        (a.target_entropy is None or finite(a.target_entropy), "--target-entropy must be a finite number"),
-        (min(a.entropy_states, a.entropy_samples, a.gmm_components, a.gmm_iters) >= 1, "--entropy-states, --entropy-samples, --gmm-components and --gmm-iters must be positive"),
+        (a.entropy_guidance or k in (None, 1), "--num-candidates applies to entropy guidance only (not --algo fql)"),
+        (not a.entropy_guidance or k != 1, "entropy guidance needs at least 2 candidates; pass --num-candidates 2 or more"),
+        (a.target_entropy is None or math.isfinite(a.target_entropy), "--target-entropy must be a finite number"),
         (a.entropy_samples >= a.gmm_components, "--entropy-samples must be at least --gmm-components"),
-        (finite(a.gmm_tol) and a.gmm_tol > 0, f"--gmm-tol must be positive, got {a.gmm_tol}"),
-        (finite(a.gmm_reg) and a.gmm_reg > 0, f"--gmm-reg must be positive, got {a.gmm_reg}"),
+        (positive(a.gmm_tol), f"--gmm-tol must be positive, got {a.gmm_tol}"),
+        (positive(a.gmm_reg), f"--gmm-reg must be positive, got {a.gmm_reg}"),
         (a.save_model or not a.save_buffer, "--save-buffer needs --save-model (the buffer is saved with the checkpoints)"),
         (a.run_name not in ("", ".", "..") and "/" not in (a.run_name or ""), "--run-name must be a folder name under runs/"),
         (not a.cudagraphs or a.cuda and torch.cuda.is_available(), "--cudagraphs needs a CUDA device (none, or --no-cuda)"),
@@ -537,8 +542,9 @@ def check_finite(first_bad: dict, run_dir: str, metrics: dict | None = None, ste
     """Note on the device (no host sync) the first step each metric was NaN or inf; without `metrics`, stop if one was."""
     if metrics is not None:
         values = torch.stack([v.float() for v in metrics.values()])
-        steps = first_bad.setdefault(tuple(metrics), torch.full(values.shape, -1, dtype=torch.long, device=values.device))
-        return steps.masked_fill_(~torch.isfinite(values) & (steps < 0), step)
+        if tuple(metrics) not in first_bad:
+            first_bad[tuple(metrics)] = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
+        return first_bad[tuple(metrics)].masked_fill_(~torch.isfinite(values) & (first_bad[tuple(metrics)] < 0), step)
     bad = sorted((step, name) for names, steps in first_bad.items() for name, step in zip(names, steps.tolist()) if step >= 0)
     if bad:
         raise SystemExit(f"error: {bad[0][1]} became non-finite at step {bad[0][0]}; stopping (logs kept in {run_dir})")
@@ -661,7 +667,8 @@ if __name__ == "__main__":
     agent = dict(nets=nets, target_critic=target_critic, optimizer=optimizer, beta=torch.tensor(args.beta, device=device))
     start_step = restore(saved, agent, saved_path) if saved else 0
     train_step = speed_up(partial(update, agent=agent, args=args), args)
-    acting = {g: speed_up(partial(act, onestep=nets["onestep"], critic=nets["critic"], num_candidates=num_candidates, q_agg=args.q_agg, greedy=g), args) for g in (False, True)}  # fmt: skip
+    acting_args = dict(onestep=nets["onestep"], critic=nets["critic"], num_candidates=num_candidates, q_agg=args.q_agg)
+    acting = {greedy: speed_up(partial(act, **acting_args, greedy=greedy), args) for greedy in (False, True)}
     to_obs = lambda o: torch.as_tensor(o, dtype=torch.float32, device=device).view(1, -1)
     policy = lambda o, greedy: acting[greedy](to_obs(o), agent["beta"])[0].cpu().numpy()  # greedy: evaluation
     total_steps, buffer = args.offline_steps + args.online_steps, ReplayBuffer(data, args.buffer_size, device)
@@ -689,7 +696,7 @@ if __name__ == "__main__":
         rng_states(env_generators(), resumed["rng"])
         obs = env.reset()[0] if online_checkpoint else obs  # online checkpoints fall between episodes
     first_bad, sps_start, checkpoint_due, global_step = {}, None, False, start_step
-    progress = tqdm(range(start_step + 1, total_steps + 1), run_name, initial=start_step, total=total_steps, mininterval=5, disable=None)  # fmt: skip
+    progress = tqdm(range(start_step + 1, total_steps + 1), run_name, initial=start_step, mininterval=5, disable=None)
     try:
         for global_step in progress:
             online, episode_done = global_step > args.offline_steps, False
@@ -729,7 +736,8 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/entropy", entropy.item(), global_step)
                 writer.add_scalar("charts/beta", agent["beta"].item(), global_step)
             if global_step % args.eval_every == 0 or global_step in (args.offline_steps, total_steps):
-                result = evaluate(lambda o: policy(o, args.entropy_guidance), eval_env, args.eval_episodes, args.seed + 10_000 + global_step)  # fmt: skip
+                evaluation_policy = lambda o: policy(o, args.entropy_guidance)  # FINO: argmax of K; FQL: one sample
+                result = evaluate(evaluation_policy, eval_env, args.eval_episodes, args.seed + 10_000 + global_step)
                 if data.normalize_score is not None:
                     result["eval/normalized_score"] = float(data.normalize_score(result["eval/episodic_return"]))
                 for name, value in result.items():

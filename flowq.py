@@ -217,6 +217,18 @@ def critic_loss(batch: dict, agent: dict, args: Args) -> tuple[torch.Tensor, dic
     return vf_loss + qf_loss, metrics | {"losses/vf_loss": vf_loss.detach(), "losses/vf_values": v.detach().mean()}
 
 
+def update_critic(batch: dict, agent: dict, args: Args) -> dict:
+    """One step on L_V + L_Q, then the Polyak update Qbar <- (1 - tau) Qbar + tau Q."""
+    loss, metrics = critic_loss(batch, agent, args)
+    agent["critic_optimizer"].zero_grad(set_to_none=True)
+    loss.backward()
+    agent["critic_optimizer"].step()
+    with torch.no_grad():
+        for target_param, param in zip(agent["critic_target"].parameters(), agent["critic"].parameters()):
+            target_param.lerp_(param, args.tau)
+    return metrics
+
+
 def energy_coefficient(schedule: str, t: torch.Tensor, learned: LearnedSchedule | None = None) -> torch.Tensor:
     """c(t) = h(t) b_t with b_t = (1 - t) / t for the linear path, sigma_min = 0 (recon Sec. 3)."""
     coefficients = {"t": lambda: 1.0 - t, "t2": lambda: t * (1.0 - t), "t2_over_1mt": lambda: t}
@@ -270,18 +282,6 @@ def update_schedule(obs, actions, a0, t, agent: dict, args: Args) -> dict:
     loss.backward()
     agent["schedule_optimizer"].step()
     return {"losses/schedule_loss": loss.detach(), "charts/h_at_half": 0.5 * schedule.ratio(t[:1] * 0 + 0.5)[0, 0].detach()}
-
-
-def update_critic(batch: dict, agent: dict, args: Args) -> dict:
-    """One step on L_V + L_Q, then the Polyak update Qbar <- (1 - tau) Qbar + tau Q."""
-    loss, metrics = critic_loss(batch, agent, args)
-    agent["critic_optimizer"].zero_grad(set_to_none=True)
-    loss.backward()
-    agent["critic_optimizer"].step()
-    with torch.no_grad():
-        for target_param, param in zip(agent["critic_target"].parameters(), agent["critic"].parameters()):
-            target_param.lerp_(param, args.tau)
-    return metrics
 
 
 def update_actor(obs, actions, a0, t, agent: dict, args: Args) -> dict:
@@ -402,8 +402,9 @@ def check_finite(first_bad: dict, run_dir: str, metrics: dict | None = None, ste
     """Note on the device (no host sync) the first step each metric was NaN or inf; without `metrics`, stop if one was."""
     if metrics is not None:
         values = torch.stack([v.float() for v in metrics.values()])
-        steps = first_bad.setdefault(tuple(metrics), torch.full(values.shape, -1, dtype=torch.long, device=values.device))
-        return steps.masked_fill_(~torch.isfinite(values) & (steps < 0), step)
+        if tuple(metrics) not in first_bad:
+            first_bad[tuple(metrics)] = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
+        return first_bad[tuple(metrics)].masked_fill_(~torch.isfinite(values) & (first_bad[tuple(metrics)] < 0), step)
     bad = sorted((step, name) for names, steps in first_bad.items() for name, step in zip(names, steps.tolist()) if step >= 0)
     if bad:
         raise SystemExit(f"error: {bad[0][1]} became non-finite at step {bad[0][0]}; stopping (logs kept in {run_dir})")

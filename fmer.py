@@ -413,8 +413,9 @@ def check_finite(first_bad: dict, run_dir: str, metrics: dict | None = None, ste
     """Note on the device (no host sync) the first step each metric was NaN or inf; without `metrics`, stop if one was."""
     if metrics is not None:
         values = torch.stack([v.float() for v in metrics.values()])
-        steps = first_bad.setdefault(tuple(metrics), torch.full(values.shape, -1, dtype=torch.long, device=values.device))
-        return steps.masked_fill_(~torch.isfinite(values) & (steps < 0), step)
+        if tuple(metrics) not in first_bad:
+            first_bad[tuple(metrics)] = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
+        return first_bad[tuple(metrics)].masked_fill_(~torch.isfinite(values) & (first_bad[tuple(metrics)] < 0), step)
     bad = sorted((step, name) for names, steps in first_bad.items() for name, step in zip(names, steps.tolist()) if step >= 0)
     if bad:
         raise SystemExit(f"error: {bad[0][1]} became non-finite at step {bad[0][0]}; stopping (logs kept in {run_dir})")
