@@ -536,7 +536,8 @@ if __name__ == "__main__":
         saved_rows = load_checkpoint(buffer_path, "fmer.py", torch.device("cpu"), start_step)["replay"]
         replay[: len(saved_rows)] = saved_rows
         rng_states(env_generators(), resumed["rng"])
-    entropy_on = args.entropy_off_step is None or start_step < args.entropy_off_step
+    first_update = max(start_step, args.learning_starts) + 1  # L_H is on while the step is <= --entropy-off-step
+    entropy_on = args.entropy_off_step is None or first_update <= args.entropy_off_step
     train_step = speed_up(partial(update, agent=agent, args=args, entropy_on=entropy_on), args)
     policy = speed_up(partial(act, agent=agent, args=args), args)
     policy_action = lambda o: policy(torch.as_tensor(o, dtype=torch.float32, device=device).view(1, -1))[0].cpu().numpy()
