@@ -682,14 +682,14 @@ if __name__ == "__main__":
     env = training_env(data, args.seed, online_reward_shift(args.dataset, args.env_id))
     eval_env = data.make_env(args.seed + 10_000)
 
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, request_stop)  # before the run folder appears: a stop request sent once it exists is caught
     writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resumed else None)  # a resume drops later events
     if not resumed:
         hyperparameters = vars(args) | dict(num_candidates=num_candidates)
         writer.add_text(
             "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items())
         )
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(signum, request_stop)
     env_generators = lambda: [env.unwrapped.np_random, env.action_space.np_random]  # reset noise; OGBench's reset steps
     obs, _ = env.reset(seed=args.seed)
     if resumed:  # every random stream as the checkpoint left it (set last: building the networks drew from torch's)

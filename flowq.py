@@ -524,12 +524,12 @@ if __name__ == "__main__":
     to_obs = lambda o: torch.as_tensor(o, dtype=torch.float32, device=device).view(1, -1)
     policy_action = lambda o: policy(to_obs(o), torch.randn(1, data.act_dim, device=device))[0].cpu().numpy()
 
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, request_stop)  # before the run folder appears: a stop request sent once it exists is caught
     writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resumed else None)  # a resume drops later events
     if not resumed:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
         writer.add_text("dataset", f"{data.name}: {len(data)} transitions, metric {data.metric}")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(signum, request_stop)
     if resumed:  # every random stream as the checkpoint left it (set last: building the networks drew from torch's)
         rng_states((), resumed["rng"])
     first_bad, sps_start, global_step = {}, None, start_step

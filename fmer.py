@@ -542,11 +542,11 @@ if __name__ == "__main__":
     policy = speed_up(partial(act, agent=agent, args=args), args)
     policy_action = lambda o: policy(torch.as_tensor(o, dtype=torch.float32, device=device).view(1, -1))[0].cpu().numpy()
 
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, request_stop)  # before the run folder appears: a stop request sent once it exists is caught
     writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resumed else None)  # a resume drops later events
     if not resumed:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(signum, request_stop)
     metrics, first_bad, sps_start, checkpoint_due, global_step = {}, {}, None, False, start_step
     obs, _ = env.reset() if resumed else env.reset(seed=args.seed)  # a resumed run restarts between episodes
     progress = tqdm(range(start_step + 1, args.total_timesteps + 1), run_name, initial=start_step, mininterval=5, disable=None)
