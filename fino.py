@@ -542,9 +542,10 @@ def check_finite(first_bad: dict, run_dir: str, metrics: dict | None = None, ste
     """Note on the device (no host sync) the first step each metric was NaN or inf; without `metrics`, stop if one was."""
     if metrics is not None:
         values = torch.stack([v.float() for v in metrics.values()])
-        if tuple(metrics) not in first_bad:
+        if tuple(metrics) not in first_bad:  # one record per set of metric names, allocated once
             first_bad[tuple(metrics)] = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
-        return first_bad[tuple(metrics)].masked_fill_(~torch.isfinite(values) & (first_bad[tuple(metrics)] < 0), step)
+        steps = first_bad[tuple(metrics)]
+        return steps.masked_fill_(~torch.isfinite(values) & (steps < 0), step)
     bad = sorted((step, name) for names, steps in first_bad.items() for name, step in zip(names, steps.tolist()) if step >= 0)
     if bad:
         raise SystemExit(f"error: {bad[0][1]} became non-finite at step {bad[0][0]}; stopping (logs kept in {run_dir})")
@@ -696,7 +697,8 @@ if __name__ == "__main__":
         rng_states(env_generators(), resumed["rng"])
         obs = env.reset()[0] if online_checkpoint else obs  # online checkpoints fall between episodes
     first_bad, sps_start, checkpoint_due, global_step = {}, None, False, start_step
-    progress = tqdm(range(start_step + 1, total_steps + 1), run_name, initial=start_step, mininterval=5, disable=None)
+    steps_left = range(start_step + 1, total_steps + 1)  # the bar counts from start_step to total_steps
+    progress = tqdm(steps_left, run_name, initial=start_step, total=total_steps, mininterval=5, disable=None)
     try:
         for global_step in progress:
             online, episode_done = global_step > args.offline_steps, False
